@@ -1,0 +1,45 @@
+"""Fields every experiment config has; gpt1.py and gpt2.py fill in the papers' values."""
+import dataclasses
+
+import ml_collections
+
+from gpt.model import GPTConfig
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(
+        {f.name: f.default for f in dataclasses.fields(GPTConfig)})
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "pydoc"  # offline default corpus: CPython's own documentation text
+    c.data.tokenizer = "bytes"  # bytes | gpt2 | bpe
+    c.data.bpe_merges = 40000  # bpe only: merges learned on the corpus (GPT-1 used 40,000)
+    c.data.data_dir = ""  # "" = ./data
+    c.data.batch_size = 8  # global, over all devices and hosts
+    c.data.seq_len = 128
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 6e-4
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"  # cosine | linear | constant (after warmup)
+    c.optim.end_lr = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0  # global norm; 0 disables
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.epochs = 0.0  # > 0 sets steps from the corpus size (GPT-1: 100 epochs)
+    c.train.grad_accum_steps = 1
+    c.train.log_every = 50
+    c.train.eval_every = 500
+    c.train.eval_steps = 20
+    c.train.ckpt_every = 1000
+    c.train.keep_ckpts = 3
+    c.train.parallelism = "jit"  # jit (one device) | pmap (data parallel, all local devices)
+    c.train.seed = 0
+    c.train.peak_flops = 0.0  # per device, for MFU; 0 = measure a matmul at start-up
+    return c
