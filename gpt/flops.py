@@ -1,6 +1,8 @@
 """Parameter counts, FLOPs per token and model FLOPs utilisation."""
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,8 @@ from gpt.model import GPT, GPTConfig
 
 def param_shapes(cfg: GPTConfig):
     """The parameter pytree as ShapeDtypeStructs: nothing is allocated."""
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.ones(tokens.shape, tokens.dtype)))["params"]
+    init = lambda: GPT(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))  # noqa: E731
+    return jax.eval_shape(init)["params"]
 
 
 def count_params(tree) -> int:
@@ -20,8 +22,9 @@ def count_params(tree) -> int:
 
 def matmul_params(cfg: GPTConfig, n_params: int) -> int:
     """Parameters that take part in a matmul per token: all but the position table
-    (a lookup); the tied token table counts once, as the output head (nanoGPT's N)."""
-    return n_params - cfg.max_len * cfg.d_model
+    (a lookup); the token table counts once, as the output head (nanoGPT's N)."""
+    lookups = cfg.max_len + (0 if cfg.tie_embeddings else cfg.vocab_size)
+    return n_params - lookups * cfg.d_model
 
 
 def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:
@@ -31,3 +34,17 @@ def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:
 
 def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:
     return tokens_per_s * flops_per_tok / peak_flops
+
+
+def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """Achieved FLOP/s of one square matmul on the default device: the MFU denominator
+    where no datasheet peak is configured (honest on a CPU, where none applies)."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best

@@ -1,0 +1,60 @@
+"""Architecture, exact parameter count and FLOPs per token of a config; nothing is allocated.
+
+python -m experiments.summary --config=configs/gpt2.py:xl
+"""
+from __future__ import annotations
+
+from absl import app
+from ml_collections import config_flags
+
+from experiments import common
+from gpt import flops
+from gpt.configuration import validate
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
+
+# (n_layer, d_model, n_head, vocab_size, max_len) -> what the paper reports.
+PAPER = {
+    (12, 768, 12, 40478, 512): ("GPT-1", 116_534_784, "117M"),
+    (12, 768, 12, 50257, 1024): ("GPT-2 small", 124_439_808, "117M (paper), 124M (released)"),
+    (24, 1024, 16, 50257, 1024): ("GPT-2 medium", 354_823_168, "345M (paper), 355M (released)"),
+    (36, 1280, 20, 50257, 1024): ("GPT-2 large", 774_030_080, "762M (paper), 774M (released)"),
+    (48, 1600, 25, 50257, 1024): ("GPT-2 xl", 1_557_611_200, "1542M (paper), 1558M (released)"),
+}
+
+
+def main(argv):
+    if _CONFIG.value is None:
+        raise ValueError("--config is required, e.g. --config=configs/gpt2.py:xl")
+    config = _CONFIG.value
+    cfg = validate(config)
+    shapes = flops.param_shapes(cfg)
+    n_params = flops.count_params(shapes)
+    seq_len = config.data.seq_len
+    rows = [
+        ("layers / d_model / heads / head dim", f"{cfg.n_layer} / {cfg.d_model} / {cfg.n_head} / {cfg.head_dim}"),
+        ("d_ff / activation", f"{cfg.d_ff} / {cfg.activation}"),
+        ("norm position / final LayerNorm", f"{cfg.norm_position} / {cfg.final_norm}"),
+        ("vocabulary / context", f"{cfg.vocab_size:,} / {cfg.max_len:,}"),
+        ("tied embeddings / residual init std", f"{cfg.tie_embeddings} / {cfg.residual_init_std:.5f}"),
+        ("dropout embd / resid / attn", f"{cfg.embd_pdrop} / {cfg.resid_pdrop} / {cfg.attn_pdrop}"),
+        ("parameters (exact)", f"{n_params:,}"),
+        ("  token / position embeddings", f"{cfg.vocab_size * cfg.d_model:,} / {cfg.max_len * cfg.d_model:,}"),
+        ("  per block", f"{flops.count_params(shapes['h_0']):,}"),
+        (f"training FLOPs per token (T={seq_len})", f"{flops.flops_per_token(cfg, n_params, seq_len):,.0f}"),
+        ("batch (sequences x tokens)", f"{config.data.batch_size} x {seq_len}"),
+        ("optimizer", f"AdamW lr {config.optim.lr:g}, warmup {config.optim.warmup_steps}, "
+                      f"{config.optim.schedule} to {config.optim.end_lr:g}, wd {config.optim.weight_decay:g}"),
+    ]
+    paper = PAPER.get((cfg.n_layer, cfg.d_model, cfg.n_head, cfg.vocab_size, cfg.max_len))
+    if paper:
+        name, exact, reported = paper
+        rows.append(("paper model", f"{name}: reported {reported}; exact count "
+                     f"{exact:,} ({'matches' if exact == n_params else 'DIFFERS'})"))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: common.run_main(main, argv))

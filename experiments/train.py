@@ -1,0 +1,130 @@
+"""Train a GPT from a config file; rerunning the same command resumes from the latest checkpoint.
+
+python -m experiments.train --config=configs/gpt1.py:tiny --workdir=/tmp/run1 \
+    [--config.model.norm_position=pre ...]
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from experiments import common
+from gpt import data, flops
+from gpt.checkpoint import Checkpointer
+from gpt.configuration import validate
+from gpt.model import GPT, ConfigError
+from gpt.optim import make_optimizer
+from gpt.train_step import create_state, make_steps
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, logs and checkpoints.")
+
+
+def _resolve_steps(config) -> None:
+    """GPT-1 trained for a number of epochs: turn them into optimizer steps for this corpus."""
+    if config.train.epochs > 0:
+        tokens_per_step = config.data.batch_size * config.data.seq_len
+        config.train.steps = max(1, math.ceil(
+            config.train.epochs * data.count_tokens(config.data, "train") / tokens_per_step))
+
+
+def evaluate(steps, device_state, eval_batches) -> float:
+    losses = [steps.eval(device_state, steps.put_batch(b))["loss"] for b in eval_batches]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics."""
+    workdir = common.prepare_workdir(workdir)
+    num_devices = jax.local_device_count() if config.train.parallelism == "pmap" else 1
+    model_cfg = validate(config, num_devices * jax.process_count())
+    tokenizer = data.get_tokenizer(config.data)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError("model.vocab_size",
+                          f"at least the tokenizer's vocabulary ({tokenizer.vocab_size})",
+                          model_cfg.vocab_size)
+    _resolve_steps(config)
+    total_steps = config.train.steps
+
+    model = GPT(model_cfg)
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    steps = make_steps(model, schedule, config.train.parallelism, config.train.grad_accum_steps)
+    state = create_state(model, tx, config.train.seed, config.data.seq_len)
+    train_iter = data.make_train_iterator(config.data, seed=config.train.seed,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    eval_batches = data.make_eval_batches(config.data, num_batches=config.train.eval_steps,
+                                          process_index=jax.process_index(),
+                                          process_count=jax.process_count())
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_ckpts)
+    start_step = ckpt.latest_step() or 0
+    if start_step:
+        state = ckpt.restore(start_step, state, train_iter)
+    common.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+
+    n_params = flops.count_params(state.params)
+    flops_per_tok = flops.flops_per_token(model_cfg, n_params, config.data.seq_len)
+    peak = (config.train.peak_flops or flops.measure_matmul_flops()) * num_devices * jax.process_count()
+    tokens_per_step = config.data.batch_size * config.data.seq_len
+    writer = common.MetricWriter(workdir, resume_step=start_step)
+    tqdm.write(f"{n_params:,} parameters | {flops_per_tok / 1e6:.1f} MFLOPs/token | "
+               f"{total_steps:,} steps of {tokens_per_step:,} tokens | "
+               f"{'resuming from step ' + str(start_step) if start_step else 'from scratch'}")
+
+    device_state = steps.put_state(state)
+    last = {}
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    timer_step, timer = start_step, None
+    for step in range(start_step + 1, total_steps + 1):
+        device_state, metrics = steps.train(device_state, steps.put_batch(next(train_iter)))
+        if timer is None:  # exclude compilation from the throughput
+            jax.block_until_ready(metrics)
+            timer_step, timer = step, time.perf_counter()
+        bar.update(1)
+
+        if step % config.train.log_every == 0 or step == total_steps:
+            metrics = jax.device_get(metrics)
+            elapsed = time.perf_counter() - timer
+            tokens_per_s = (step - timer_step) * tokens_per_step / elapsed if step > timer_step else 0.0
+            last = {"train/loss": float(metrics["loss"]), "train/lr": float(metrics["lr"]),
+                    "train/grad_norm": float(metrics["grad_norm"]),
+                    "train/tokens_per_s": tokens_per_s,
+                    "train/mfu": flops.mfu(tokens_per_s, flops_per_tok, peak)}
+            if step % config.train.eval_every == 0 or step == total_steps:
+                last["eval/loss"] = evaluate(steps, device_state, eval_batches)
+            writer.write(step, last)
+            bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+            tqdm.write(f"step {step:>7} | " + " | ".join(
+                f"{k.split('/')[1]} {v:.4g}" for k, v in last.items()))
+            timer_step, timer = step, time.perf_counter()
+
+        if step % config.train.ckpt_every == 0 or step == total_steps:
+            ckpt.save(step, steps.host_state(device_state), train_iter, config.to_dict())
+    bar.close()
+    ckpt.close()
+    writer.close()
+    return last
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _CONFIG.value is None:
+        raise ValueError("--config is required, e.g. --config=configs/gpt1.py:tiny")
+    config = _CONFIG.value
+    last = train_and_evaluate(config, _WORKDIR.value)
+    if "eval/loss" in last:
+        entropy = data.unigram_entropy(config.data)
+        print(f"final eval loss {last['eval/loss']:.4f} nats/token "
+              f"(unigram entropy of the corpus: {entropy:.4f}; lower means the model learned context)")
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: common.run_main(main, argv))

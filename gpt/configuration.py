@@ -1,0 +1,48 @@
+"""Checks a run's config before anything is compiled, so a mistake costs one line, not a traceback."""
+from __future__ import annotations
+
+from gpt.model import ConfigError, GPTConfig
+from gpt.optim import SCHEDULES
+from gpt.train_step import PARALLELISMS
+
+
+def model_config(config) -> GPTConfig:
+    try:
+        return GPTConfig(**config.model.to_dict())
+    except TypeError as e:  # a key GPTConfig does not have
+        raise ConfigError("model", f"only GPTConfig fields ({e})", "") from e
+
+
+def _positive_int(config, key):
+    section, name = key.split(".")
+    value = config[section][name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(key, "a positive integer", value)
+    return value
+
+
+def validate(config, num_devices: int = 1) -> GPTConfig:
+    """Raises ConfigError naming the first bad key; returns the model's GPTConfig."""
+    cfg = model_config(config)
+    for key in ("data.batch_size", "data.seq_len", "train.steps", "train.log_every",
+                "train.eval_every", "train.eval_steps", "train.ckpt_every", "train.keep_ckpts",
+                "train.grad_accum_steps"):
+        _positive_int(config, key)
+    if config.data.seq_len > cfg.max_len:
+        raise ConfigError("data.seq_len", f"at most model.max_len={cfg.max_len}", config.data.seq_len)
+    if config.train.parallelism not in PARALLELISMS:
+        raise ConfigError("train.parallelism", f"one of {', '.join(PARALLELISMS)}", config.train.parallelism)
+    if config.optim.schedule not in SCHEDULES:
+        raise ConfigError("optim.schedule", f"one of {', '.join(SCHEDULES)}", config.optim.schedule)
+    if config.optim.warmup_steps < 0 or config.optim.lr < 0:
+        raise ConfigError("optim.lr" if config.optim.lr < 0 else "optim.warmup_steps",
+                          "a non-negative number", min(config.optim.lr, config.optim.warmup_steps))
+    if config.train.epochs < 0:
+        raise ConfigError("train.epochs", "a non-negative number (0: use train.steps)", config.train.epochs)
+    per_step = num_devices * config.train.grad_accum_steps
+    if config.data.batch_size % per_step:
+        raise ConfigError(
+            "data.batch_size",
+            f"a multiple of devices ({num_devices}) x train.grad_accum_steps "
+            f"({config.train.grad_accum_steps}) = {per_step}", config.data.batch_size)
+    return cfg

@@ -1,0 +1,129 @@
+"""Train state, loss, and the train/eval steps with their jit and pmap wrappers.
+
+One pure `train_step` serves every layout: under pmap it is given the axis name and
+averages gradients and metrics across devices; under jit it runs as is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from gpt.model import GPT
+
+PARALLELISMS = ("jit", "pmap")
+AXIS = "batch"
+
+
+class TrainState(train_state.TrainState):
+    rng: jax.Array  # base dropout key; per step, device and micro-batch keys are folded in
+
+
+def create_state(model: GPT, tx: optax.GradientTransformation, seed: int, seq_len: int) -> TrainState:
+    init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+
+    @jax.jit
+    def init():
+        params = model.init(init_rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng)
+
+    return init()
+
+
+def cross_entropy(logits_BxTxV, targets_BxT) -> jax.Array:
+    """Mean next-token cross-entropy in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxTxV.astype(jnp.float32), targets_BxT).mean()
+
+
+def _uses_dropout(model: GPT) -> bool:
+    c = model.cfg
+    return max(c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) > 0
+
+
+def loss_fn(params, apply_fn, batch, rng, train: bool):
+    logits_BxTxV = apply_fn({"params": params}, batch["inputs"], deterministic=not train,
+                            rngs={"dropout": rng} if train else None)
+    return cross_entropy(logits_BxTxV, batch["targets"])
+
+
+def train_step(state: TrainState, batch, *, schedule, accum_steps: int = 1, dropout: bool = True,
+               axis_name: str | None = None):
+    """One optimizer update. With `accum_steps` > 1 the batch is cut into that many
+    micro-batches whose gradients are averaged: the same update as one large batch."""
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    if accum_steps == 1:
+        loss, grads = grad_fn(state.params, state.apply_fn, batch, rng, dropout)
+    else:
+        micro = jax.tree_util.tree_map(
+            lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+
+        def accumulate(carry, i_and_mb):
+            i, mb = i_and_mb
+            loss, grads = grad_fn(state.params, state.apply_fn, mb, jax.random.fold_in(rng, i), dropout)
+            return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
+        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
+        loss, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, grads))
+
+    if axis_name is not None:
+        loss, grads = jax.lax.pmean((loss, grads), axis_name)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(state: TrainState, batch, *, axis_name: str | None = None):
+    loss = loss_fn(state.params, state.apply_fn, batch, None, False)
+    if axis_name is not None:
+        loss = jax.lax.pmean(loss, axis_name)
+    return {"loss": loss}
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """Compiled steps for one parallelism, plus how to move state and batches into its layout."""
+
+    train: Callable[[Any, Any], tuple[Any, dict]]  # (device state, device batch) -> (state, metrics)
+    eval: Callable[[Any, Any], dict]
+    put_state: Callable[[TrainState], Any]
+    put_batch: Callable[[Any], Any]
+    host_state: Callable[[Any], TrainState]  # one copy, for checkpoints and inspection
+    num_devices: int
+
+
+def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int = 1) -> Steps:
+    step = functools.partial(train_step, schedule=schedule, accum_steps=accum_steps,
+                             dropout=_uses_dropout(model))
+    if parallelism == "jit":
+        return Steps(train=jax.jit(step, donate_argnums=0), eval=jax.jit(eval_step),
+                     put_state=lambda s: s, put_batch=lambda b: b, host_state=lambda s: s,
+                     num_devices=1)
+    if parallelism != "pmap":
+        raise ValueError(f"train.parallelism={parallelism!r} is not allowed: one of {', '.join(PARALLELISMS)}")
+
+    n = jax.local_device_count()
+    first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)  # noqa: E731
+    p_train = jax.pmap(functools.partial(step, axis_name=AXIS), axis_name=AXIS, donate_argnums=0)
+    p_eval = jax.pmap(functools.partial(eval_step, axis_name=AXIS), axis_name=AXIS)
+
+    def train(state, batch):
+        state, metrics = p_train(state, batch)
+        return state, first(metrics)  # pmean'd: every copy holds the same value
+
+    def put_batch(batch):
+        return jax.tree_util.tree_map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+    return Steps(train=train, eval=lambda s, b: first(p_eval(s, b)),
+                 put_state=flax.jax_utils.replicate, put_batch=put_batch,
+                 host_state=flax.jax_utils.unreplicate, num_devices=n)
