@@ -14,6 +14,7 @@ import numpy as np
 
 from gpt.data import corpus
 from gpt.data.tokenizers import Tokenizer, get_tokenizer
+from gpt.model import ConfigError
 
 Batch = dict[str, np.ndarray]  # {"inputs": int32[B, T], "targets": int32[B, T]}
 
@@ -37,9 +38,8 @@ def _windows(token_docs: grain.IterDataset, seq_len: int) -> grain.IterDataset:
 
 def _local_batch_size(data_cfg: ml_collections.ConfigDict, process_count: int) -> int:
     if data_cfg.batch_size % process_count:
-        raise ValueError(
-            f"data.batch_size={data_cfg.batch_size} is not allowed: a multiple of the "
-            f"{process_count} processes")
+        raise ConfigError("data.batch_size", f"a multiple of the {process_count} processes",
+                          data_cfg.batch_size)
     return data_cfg.batch_size // process_count
 
 
@@ -78,10 +78,12 @@ def make_eval_batches(data_cfg: ml_collections.ConfigDict, *, num_batches: int,
     batches = [{k: v[rows] for k, v in b.items()}
                for b in itertools.islice(global_batches, num_batches)]
     if not batches:
-        raise ValueError(
-            f"data.batch_size={data_cfg.batch_size} x data.seq_len={data_cfg.seq_len} is not "
-            f"allowed: more than the validation split of data.name={data_cfg.name!r} holds "
-            f"({count_tokens(data_cfg, 'validation')} tokens under {tok.name})")
+        raise ConfigError(
+            "data.seq_len",
+            f"short enough for data.batch_size={data_cfg.batch_size} windows of seq_len + 1 "
+            f"tokens in the validation split of {data_cfg.name} "
+            f"({count_tokens(data_cfg, 'validation')} tokens under {tok.name})",
+            data_cfg.seq_len)
     return batches
 
 
