@@ -6,13 +6,16 @@ import os
 import sys
 import traceback
 
-from absl import flags
+from absl import flags, logging
 
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors.")
 
 
 def run_main(main, argv) -> None:
-    """A user's mistake ends in one `error: ...` line and exit status 2; --verbose shows the traceback."""
+    """A user's mistake ends in one `error: ...` line and exit status 2; --verbose shows the
+    traceback and the libraries' own logs (orbax and tfds log every file they touch)."""
+    if not VERBOSE.value:
+        logging.set_verbosity(logging.WARNING)
     try:
         main(argv)
     except (ValueError, OSError) as e:

@@ -102,7 +102,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             writer.write(step, last)
             bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
             tqdm.write(f"step {step:>7} | " + " | ".join(
-                f"{k.split('/')[1]} {v:.4g}" for k, v in last.items()))
+                f"{k} {v:.4g}" for k, v in last.items()))
             timer_step, timer = step, time.perf_counter()
 
         if step % config.train.ckpt_every == 0 or step == total_steps:

@@ -9,9 +9,9 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax.training import train_state
 
@@ -31,7 +31,8 @@ def create_state(model: GPT, tx: optax.GradientTransformation, seed: int, seq_le
     @jax.jit
     def init():
         params = model.init(init_rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-        return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng)
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng)
+        return state.replace(step=jnp.zeros((), jnp.int32))  # not weak-typed: no recompiles
 
     return init()
 
@@ -79,7 +80,7 @@ def train_step(state: TrainState, batch, *, schedule, accum_steps: int = 1, drop
 
     if axis_name is not None:
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
     return state.apply_gradients(grads=grads), metrics
 
 
@@ -113,6 +114,10 @@ def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int 
         raise ValueError(f"train.parallelism={parallelism!r} is not allowed: one of {', '.join(PARALLELISMS)}")
 
     n = jax.local_device_count()
+    # pmap's outputs live on a mesh named after its axis; inputs placed on the same mesh
+    # keep the second call from recompiling.
+    stacked = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,)), jax.sharding.PartitionSpec(AXIS))
     first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)  # noqa: E731
     p_train = jax.pmap(functools.partial(step, axis_name=AXIS), axis_name=AXIS, donate_argnums=0)
     p_eval = jax.pmap(functools.partial(eval_step, axis_name=AXIS), axis_name=AXIS)
@@ -121,9 +126,13 @@ def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int 
         state, metrics = p_train(state, batch)
         return state, first(metrics)  # pmean'd: every copy holds the same value
 
-    def put_batch(batch):
-        return jax.tree_util.tree_map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+    def put_state(state):
+        copies = jax.tree_util.tree_map(lambda x: np.broadcast_to(x, (n, *x.shape)), state)
+        return jax.device_put(copies, stacked)
 
-    return Steps(train=train, eval=lambda s, b: first(p_eval(s, b)),
-                 put_state=flax.jax_utils.replicate, put_batch=put_batch,
-                 host_state=flax.jax_utils.unreplicate, num_devices=n)
+    def put_batch(batch):
+        return jax.device_put(jax.tree_util.tree_map(
+            lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch), stacked)
+
+    return Steps(train=train, eval=lambda s, b: first(p_eval(s, b)), put_state=put_state,
+                 put_batch=put_batch, host_state=first, num_devices=n)

@@ -1,0 +1,47 @@
+"""Shared by tests: a tiny run config and deterministic batches."""
+import jax
+import numpy as np
+
+from configs import gpt2
+from gpt.configuration import model_config
+from gpt.model import GPT
+from gpt.optim import make_optimizer
+from gpt.train_step import create_state
+
+
+def tiny_config(**overrides):
+    c = gpt2.get_config("tiny")
+    c.model.n_layer, c.model.d_model, c.model.n_head, c.model.d_ff = 2, 32, 4, 64
+    c.model.max_len, c.data.seq_len, c.data.batch_size = 16, 16, 16
+    c.optim.warmup_steps = 2
+    c.train.steps = 10
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        c[section][name] = value
+    return c
+
+
+def model_and_state(config):
+    model = GPT(model_config(config))
+    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    return model, schedule, create_state(model, tx, config.train.seed, config.data.seq_len)
+
+
+def batches(config, n, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (config.data.batch_size, config.data.seq_len + 1)
+    out = []
+    for _ in range(n):
+        tokens = rng.integers(0, config.model.vocab_size, shape).astype(np.int32)
+        out.append({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]})
+    return out
+
+
+def max_relative_error(a, b) -> float:
+    """||a - b|| / ||b|| over the whole pytree. Per-element ratios would be dominated by
+    parameters whose gradient is zero up to rounding (the key bias: softmax ignores it),
+    which Adam turns into full-size steps of arbitrary sign."""
+    diff = sum(float(np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2))
+               for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    norm = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in jax.tree_util.tree_leaves(b))
+    return (diff / norm) ** 0.5
