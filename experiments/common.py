@@ -11,9 +11,38 @@ from absl import flags, logging
 VERBOSE = flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors.")
 
 
-def run_main(main, argv) -> None:
-    """A user's mistake ends in one `error: ...` line and exit status 2; --verbose shows the
-    traceback and the libraries' own logs (orbax and tfds log every file they touch)."""
+def _fail(message: str, hint: str = "") -> None:
+    print(f"error: {message}{hint}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _last_line(e: BaseException) -> str:
+    """absl and ml_collections wrap the cause in several lines; the last one names it."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(e).__name__
+    return last.removeprefix("ValueError: ")
+
+
+def _unknown_override(e: BaseException, argv) -> str:
+    key = str(e).strip("\"' ")
+    for arg in argv:
+        path = arg.split("=", 1)[0]
+        if path.startswith("--config.") and path.split(".")[-1] == key:
+            return f"{path}: the config has no such key (see the config file for the keys it has)"
+    return f"--config override: the config has no key {key!r}"
+
+
+def run_program(main) -> None:
+    """Parses flags and runs `main(argv)`. A user's mistake ends in one `error: ...` line and
+    exit status 2; --verbose shows the traceback and the libraries' logs (orbax and tfds
+    log every file they touch)."""
+    argv = sys.argv
+    try:
+        argv = flags.FLAGS(sys.argv)
+    except (AttributeError, KeyError) as e:
+        _fail(_unknown_override(e, sys.argv))
+    except (flags.Error, ValueError, OSError) as e:
+        _fail(_last_line(e))
     if not VERBOSE.value:
         logging.set_verbosity(logging.WARNING)
     try:
@@ -21,9 +50,7 @@ def run_main(main, argv) -> None:
     except (ValueError, OSError) as e:
         if VERBOSE.value:
             traceback.print_exc()
-        hint = "" if VERBOSE.value else " (--verbose shows the traceback)"
-        print(f"error: {e}{hint}", file=sys.stderr)
-        sys.exit(2)
+        _fail(_last_line(e), "" if VERBOSE.value else " (--verbose shows the traceback)")
 
 
 def prepare_workdir(workdir: str) -> str:

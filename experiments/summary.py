@@ -4,7 +4,6 @@ python -m experiments.summary --config=configs/gpt2.py:xl
 """
 from __future__ import annotations
 
-from absl import app
 from ml_collections import config_flags
 
 from experiments import common
@@ -57,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: common.run_main(main, argv))
+    common.run_program(main)

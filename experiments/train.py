@@ -11,7 +11,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
@@ -108,6 +108,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if step % config.train.ckpt_every == 0 or step == total_steps:
             ckpt.save(step, steps.host_state(device_state), train_iter, config.to_dict())
     bar.close()
+    if not last:  # nothing left to train: report where the run stands
+        last = {"eval/loss": evaluate(steps, device_state, eval_batches)}
+        tqdm.write(f"already trained to step {start_step}; eval/loss {last['eval/loss']:.4g}")
     ckpt.close()
     writer.close()
     return last
@@ -127,4 +130,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: common.run_main(main, argv))
+    common.run_program(main)
