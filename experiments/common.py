@@ -74,6 +74,36 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def load_run(workdir: str, step: int | None = None):
+    """The resolved config, model and parameters of a training run's checkpoint (latest by
+    default): what sampling, evaluation and fine-tuning start from."""
+    import jax
+    import ml_collections
+
+    from gpt.checkpoint import Checkpointer
+    from gpt.configuration import model_config
+    from gpt.model import GPT
+    from gpt.optim import make_optimizer
+    from gpt.train_step import create_state
+
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"--workdir={workdir} holds no run: {config_path} is missing")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    step = step if step is not None else ckpt.latest_step()
+    if step is None or step not in ckpt.manager.all_steps():
+        raise FileNotFoundError(f"--workdir={workdir}: no checkpoint for step {step} "
+                                f"(have: {sorted(ckpt.manager.all_steps()) or 'none'})")
+    model = GPT(model_config(config))
+    tx, _ = make_optimizer(config.optim, config.train.steps)
+    abstract = jax.eval_shape(lambda: create_state(model, tx, config.train.seed, config.data.seq_len))
+    params = ckpt.restore(step, abstract).params
+    ckpt.close()
+    return config, model, params
+
+
 class MetricWriter:
     """metrics.jsonl (one object per logged step) plus TensorBoard event files.
 

@@ -27,15 +27,14 @@ class Checkpointer:
             config=ocp.args.JsonSave(config),
         ))
 
-    def restore(self, step: int, abstract_state, data_iterator):
-        """Restores `step` into the structure of `abstract_state` and moves `data_iterator`
-        to where it was; returns the state."""
+    def restore(self, step: int, abstract_state, data_iterator=None):
+        """Restores `step` into the structure of `abstract_state` (arrays or ShapeDtypeStructs)
+        and, when given, moves `data_iterator` to where it was; returns the state."""
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
-        ))
-        return restored.state
+        items = {"state": ocp.args.StandardRestore(abstract)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
     def restore_config(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
