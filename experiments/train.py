@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 
 import jax
@@ -25,6 +26,10 @@ from gpt.train_step import create_state, make_steps
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, logs and checkpoints.")
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or gradient norm; exit status 3."""
 
 
 def _resolve_steps(config) -> None:
@@ -88,9 +93,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
             jax.block_until_ready(metrics)
             timer_step, timer = step, time.perf_counter()
         bar.update(1)
-
-        if step % config.train.log_every == 0 or step == total_steps:
+        is_log = step % config.train.log_every == 0 or step == total_steps
+        is_ckpt = step % config.train.ckpt_every == 0 or step == total_steps
+        if is_log or is_ckpt:  # a non-finite state is never logged as healthy nor saved
             metrics = jax.device_get(metrics)
+            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                writer.write(step, {"train/loss": float(metrics["loss"]),
+                                    "train/grad_norm": float(metrics["grad_norm"]), "diverged": True})
+                writer.close()
+                ckpt.close()
+                raise Diverged(f"non-finite loss or gradient at step {step}; last good checkpoint: "
+                               f"step {ckpt.latest_step() or 'none'} in {workdir}")
+
+        if is_log:
             elapsed = time.perf_counter() - timer
             tokens_per_s = (step - timer_step) * tokens_per_step / elapsed if step > timer_step else 0.0
             last = {"train/loss": float(metrics["loss"]), "train/lr": float(metrics["lr"]),
@@ -105,7 +120,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 f"{k} {v:.4g}" for k, v in last.items()))
             timer_step, timer = step, time.perf_counter()
 
-        if step % config.train.ckpt_every == 0 or step == total_steps:
+        if is_ckpt:
             ckpt.save(step, steps.host_state(device_state), train_iter, config.to_dict())
     bar.close()
     if not last:  # nothing left to train: report where the run stands
@@ -129,5 +144,13 @@ def main(argv):
               f"(unigram entropy of the corpus: {entropy:.4f}; lower means the model learned context)")
 
 
+def main_or_diverged(argv):
+    try:
+        main(argv)
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
 if __name__ == "__main__":
-    common.run_program(main)
+    common.run_program(main_or_diverged)
