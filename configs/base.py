@@ -39,6 +39,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.eval_steps = 20
     c.train.ckpt_every = 1000
     c.train.keep_ckpts = 3
+    c.train.keep_best = True  # also keep the checkpoint with the lowest eval loss
+    c.train.skip_nonfinite = False  # True: skip an update whose loss or gradient is not finite
+    c.train.poison_step = 0  # testing aid: > 0 makes that step's loss NaN
     c.train.parallelism = "jit"  # jit (one device) | pmap (data parallel, all local devices)
     c.train.seed = 0
     c.train.peak_flops = 0.0  # per device, for MFU; 0 = measure a matmul at start-up

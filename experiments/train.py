@@ -5,8 +5,10 @@ python -m experiments.train --config=configs/gpt1.py:tiny --workdir=/tmp/run1 \
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -19,7 +21,7 @@ from tqdm import tqdm
 from experiments import common
 from gpt import data, flops
 from gpt.checkpoint import Checkpointer
-from gpt.configuration import validate
+from gpt.configuration import resume_changes, validate
 from gpt.model import GPT, ConfigError
 from gpt.optim import make_optimizer
 from gpt.train_step import create_state, make_steps
@@ -45,6 +47,49 @@ def evaluate(steps, device_state, eval_batches) -> float:
     return float(np.mean(jax.device_get(losses)))
 
 
+class _Preemption:
+    """SIGTERM (what a TPU VM or a scheduler sends before taking the machine) asks the loop
+    to checkpoint at the current step and exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _resume(ckpt: Checkpointer, state, train_iter, config, workdir: str):
+    """Restores the newest readable checkpoint after checking that the config still fits it;
+    returns (state, step)."""
+    if not ckpt.all_steps():
+        return state, 0
+    saved = None
+    for step in reversed(ckpt.all_steps()):
+        try:
+            saved = ckpt.restore_config(step)
+            break
+        except Exception:  # noqa: BLE001 - unreadable; restore_latest_valid reports it below
+            continue
+    if saved is not None:
+        unsafe, safe = resume_changes(saved, config.to_dict())
+        if unsafe:
+            key, (old, new) = next(iter(unsafe.items()))
+            raise ConfigError(key, f"the checkpoints in {workdir} were made with {key}={old!r}; "
+                                   f"resume with the same value or use a new --workdir", new)
+        if safe:
+            with open(os.path.join(workdir, "resumes.jsonl"), "a") as f:
+                f.write(json.dumps({"changes": {k: list(v) for k, v in safe.items()}}) + "\n")
+    restored, step, unreadable = ckpt.restore_latest_valid(state, train_iter)
+    for bad_step, reason, moved_to in unreadable:
+        tqdm.write(f"warning: checkpoint at step {bad_step} is unreadable ({reason}); "
+                   f"moved to {moved_to}, trying the previous one")
+    return (restored, step) if restored is not None else (state, 0)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
     workdir = common.prepare_workdir(workdir)
@@ -60,7 +105,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     model = GPT(model_cfg)
     tx, schedule = make_optimizer(config.optim, total_steps)
-    steps = make_steps(model, schedule, config.train.parallelism, config.train.grad_accum_steps)
+    steps = make_steps(model, schedule, config.train.parallelism, config.train.grad_accum_steps,
+                       skip_nonfinite=config.train.skip_nonfinite, poison_step=config.train.poison_step)
     state = create_state(model, tx, config.train.seed, config.data.seq_len)
     train_iter = data.make_train_iterator(config.data, seed=config.train.seed,
                                           process_index=jax.process_index(),
@@ -68,10 +114,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_batches = data.make_eval_batches(config.data, num_batches=config.train.eval_steps,
                                           process_index=jax.process_index(),
                                           process_count=jax.process_count())
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_ckpts)
-    start_step = ckpt.latest_step() or 0
-    if start_step:
-        state = ckpt.restore(start_step, state, train_iter)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_ckpts,
+                        keep_best=config.train.keep_best)
+    state, start_step = _resume(ckpt, state, train_iter, config, workdir)
     common.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
 
     n_params = flops.count_params(state.params)
@@ -85,49 +130,56 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     device_state = steps.put_state(state)
     last = {}
+    preemption = _Preemption()
     bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
     timer_step, timer = start_step, None
-    for step in range(start_step + 1, total_steps + 1):
-        device_state, metrics = steps.train(device_state, steps.put_batch(next(train_iter)))
-        if timer is None:  # exclude compilation from the throughput
-            jax.block_until_ready(metrics)
-            timer_step, timer = step, time.perf_counter()
-        bar.update(1)
-        is_log = step % config.train.log_every == 0 or step == total_steps
-        is_ckpt = step % config.train.ckpt_every == 0 or step == total_steps
-        if is_log or is_ckpt:  # a non-finite state is never logged as healthy nor saved
-            metrics = jax.device_get(metrics)
-            if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-                writer.write(step, {"train/loss": float(metrics["loss"]),
-                                    "train/grad_norm": float(metrics["grad_norm"]), "diverged": True})
-                writer.close()
-                ckpt.close()
-                raise Diverged(f"non-finite loss or gradient at step {step}; last good checkpoint: "
-                               f"step {ckpt.latest_step() or 'none'} in {workdir}")
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            device_state, metrics = steps.train(device_state, steps.put_batch(next(train_iter)))
+            if timer is None:  # exclude compilation from the throughput
+                jax.block_until_ready(metrics)
+                timer_step, timer = step, time.perf_counter()
+            bar.update(1)
+            is_log = step % config.train.log_every == 0 or step == total_steps
+            is_ckpt = step % config.train.ckpt_every == 0 or step == total_steps or preemption.requested
+            if (is_log or is_ckpt) and not config.train.skip_nonfinite:
+                metrics = jax.device_get(metrics)  # a non-finite state is never logged as healthy nor saved
+                if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                    writer.write(step, {"train/loss": float(metrics["loss"]),
+                                        "train/grad_norm": float(metrics["grad_norm"]), "diverged": True})
+                    raise Diverged(f"non-finite loss or gradient at step {step}; last good checkpoint: "
+                                   f"step {ckpt.latest_step() or 'none'} in {workdir}")
 
-        if is_log:
-            elapsed = time.perf_counter() - timer
-            tokens_per_s = (step - timer_step) * tokens_per_step / elapsed if step > timer_step else 0.0
-            last = {"train/loss": float(metrics["loss"]), "train/lr": float(metrics["lr"]),
-                    "train/grad_norm": float(metrics["grad_norm"]),
-                    "train/tokens_per_s": tokens_per_s,
-                    "train/mfu": flops.mfu(tokens_per_s, flops_per_tok, peak)}
-            if step % config.train.eval_every == 0 or step == total_steps:
-                last["eval/loss"] = evaluate(steps, device_state, eval_batches)
-            writer.write(step, last)
-            bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-            tqdm.write(f"step {step:>7} | " + " | ".join(
-                f"{k} {v:.4g}" for k, v in last.items()))
-            timer_step, timer = step, time.perf_counter()
+            if is_log:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - timer
+                tokens_per_s = (step - timer_step) * tokens_per_step / elapsed if step > timer_step else 0.0
+                last = {"train/loss": float(metrics["loss"]), "train/lr": float(metrics["lr"]),
+                        "train/grad_norm": float(metrics["grad_norm"]),
+                        "train/tokens_per_s": tokens_per_s,
+                        "train/mfu": flops.mfu(tokens_per_s, flops_per_tok, peak)}
+                if step % config.train.eval_every == 0 or step == total_steps:
+                    last["eval/loss"] = evaluate(steps, device_state, eval_batches)
+                writer.write(step, last)
+                bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                tqdm.write(f"step {step:>7} | " + " | ".join(f"{k} {v:.4g}" for k, v in last.items()))
+                timer_step, timer = step, time.perf_counter()
 
-        if is_ckpt:
-            ckpt.save(step, steps.host_state(device_state), train_iter, config.to_dict())
-    bar.close()
-    if not last:  # nothing left to train: report where the run stands
-        last = {"eval/loss": evaluate(steps, device_state, eval_batches)}
-        tqdm.write(f"already trained to step {start_step}; eval/loss {last['eval/loss']:.4g}")
-    ckpt.close()
-    writer.close()
+            if is_ckpt:
+                ckpt.save(step, steps.host_state(device_state), train_iter, config.to_dict(),
+                          metrics=last if is_log else None)
+            if preemption.requested:
+                tqdm.write(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume")
+                break
+        else:
+            if not last:  # nothing left to train: report where the run stands
+                last = {"eval/loss": evaluate(steps, device_state, eval_batches)}
+                tqdm.write(f"already trained to step {start_step}; eval/loss {last['eval/loss']:.4g}")
+    finally:
+        preemption.restore()
+        bar.close()
+        ckpt.close()
+        writer.close()
     return last
 
 

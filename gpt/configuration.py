@@ -46,3 +46,33 @@ def validate(config, num_devices: int = 1) -> GPTConfig:
             f"a multiple of devices ({num_devices}) x train.grad_accum_steps "
             f"({config.train.grad_accum_steps}) = {per_step}", config.data.batch_size)
     return cfg
+
+
+# Keys a resumed run may change: they alter neither the shapes of the saved state nor the
+# data order. Everything else must match the checkpoint's config.
+RESUME_SAFE = (
+    "train.steps", "train.epochs", "train.log_every", "train.eval_every", "train.eval_steps",
+    "train.ckpt_every", "train.keep_ckpts", "train.keep_best", "train.peak_flops",
+    "train.parallelism", "train.grad_accum_steps", "train.skip_nonfinite", "train.poison_step",
+    "model.embd_pdrop", "model.resid_pdrop", "model.attn_pdrop", "data.data_dir",
+    "optim.lr", "optim.end_lr", "optim.warmup_steps", "optim.schedule",
+)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def resume_changes(saved: dict, current: dict) -> tuple[dict, dict]:
+    """Splits the differences between a checkpoint's config and the current one into
+    (unsafe, safe), each {key: (saved value, current value)}."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    unsafe = {k: v for k, v in changed.items() if k not in RESUME_SAFE}
+    return unsafe, {k: v for k, v in changed.items() if k in RESUME_SAFE}

@@ -55,9 +55,11 @@ def loss_fn(params, apply_fn, batch, rng, train: bool):
 
 
 def train_step(state: TrainState, batch, *, schedule, accum_steps: int = 1, dropout: bool = True,
-               axis_name: str | None = None):
+               axis_name: str | None = None, skip_nonfinite: bool = False, poison_step: int = 0):
     """One optimizer update. With `accum_steps` > 1 the batch is cut into that many
-    micro-batches whose gradients are averaged: the same update as one large batch."""
+    micro-batches whose gradients are averaged: the same update as one large batch.
+    With `skip_nonfinite` an update whose loss or gradient is not finite leaves the state as
+    it was (only the step advances); `poison_step` makes that step's loss and gradient NaN."""
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -80,8 +82,16 @@ def train_step(state: TrainState, batch, *, schedule, accum_steps: int = 1, drop
 
     if axis_name is not None:
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
+    if poison_step:
+        poison = jnp.where(state.step + 1 == poison_step, jnp.nan, 0.0)
+        loss, grads = jax.tree_util.tree_map(lambda x: x + poison, (loss, grads))
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
-    return state.apply_gradients(grads=grads), metrics
+    new_state = state.apply_gradients(grads=grads)
+    if skip_nonfinite:
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        kept = jax.tree_util.tree_map(lambda new, old: jnp.where(ok, new, old), new_state, state)
+        new_state, metrics["skipped"] = kept.replace(step=new_state.step), ~ok
+    return new_state, metrics
 
 
 def eval_step(state: TrainState, batch, *, axis_name: str | None = None):
@@ -103,9 +113,11 @@ class Steps:
     num_devices: int
 
 
-def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int = 1) -> Steps:
+def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int = 1, *,
+               skip_nonfinite: bool = False, poison_step: int = 0) -> Steps:
     step = functools.partial(train_step, schedule=schedule, accum_steps=accum_steps,
-                             dropout=_uses_dropout(model))
+                             dropout=_uses_dropout(model), skip_nonfinite=skip_nonfinite,
+                             poison_step=poison_step)
     if parallelism == "jit":
         return Steps(train=jax.jit(step, donate_argnums=0), eval=jax.jit(eval_step),
                      put_state=lambda s: s, put_batch=lambda b: b, host_state=lambda s: s,

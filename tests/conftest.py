@@ -1,0 +1,12 @@
+"""Session-wide settings, applied before any test imports jax.
+
+Many tests start the command-line programs in subprocesses, which compile the same tiny
+programs again and again; a persistent compilation cache, fresh for each session and
+inherited by the subprocesses, turns those recompilations into cache reads."""
+import os
+import tempfile
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="gpt-jax-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
