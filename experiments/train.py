@@ -64,9 +64,9 @@ class _Preemption:
 
 def _resume(ckpt: Checkpointer, state, train_iter, config, workdir: str):
     """Restores the newest readable checkpoint after checking that the config still fits it;
-    returns (state, step)."""
+    returns (state, step), step None when there was nothing to restore."""
     if not ckpt.all_steps():
-        return state, 0
+        return state, None
     saved = None
     for step in reversed(ckpt.all_steps()):
         try:
@@ -87,7 +87,7 @@ def _resume(ckpt: Checkpointer, state, train_iter, config, workdir: str):
     for bad_step, reason, moved_to in unreadable:
         tqdm.write(f"warning: checkpoint at step {bad_step} is unreadable ({reason}); "
                    f"moved to {moved_to}, trying the previous one")
-    return (restored, step) if restored is not None else (state, 0)
+    return (restored, step) if restored is not None else (state, None)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -116,7 +116,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                           process_count=jax.process_count())
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_ckpts,
                         keep_best=config.train.keep_best)
-    state, start_step = _resume(ckpt, state, train_iter, config, workdir)
+    state, resumed_step = _resume(ckpt, state, train_iter, config, workdir)
+    start_step = resumed_step or 0
     common.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
 
     n_params = flops.count_params(state.params)
@@ -126,7 +127,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = common.MetricWriter(workdir, resume_step=start_step)
     tqdm.write(f"{n_params:,} parameters | {flops_per_tok / 1e6:.1f} MFLOPs/token | "
                f"{total_steps:,} steps of {tokens_per_step:,} tokens | "
-               f"{'resuming from step ' + str(start_step) if start_step else 'from scratch'}")
+               f"{'from scratch' if resumed_step is None else f'resuming from step {resumed_step}'}")
 
     device_state = steps.put_state(state)
     last = {}

@@ -38,19 +38,20 @@ class Checkpointer:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state, data_iterator, config: dict, metrics: dict | None = None) -> None:
-        """`metrics` with an eval loss make the checkpoint a candidate for `keep_best`."""
+        """`metrics` with an eval loss make the checkpoint a candidate for `keep_best`;
+        without a `data_iterator` (imported weights) a resumed run starts its data afresh."""
+        items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self.manager.save(step, metrics=metrics if metrics and EVAL_METRIC in metrics else None,
-                          args=ocp.args.Composite(
-                              state=ocp.args.StandardSave(state),
-                              data=grain.checkpoint.CheckpointSave(data_iterator),
-                              config=ocp.args.JsonSave(config)))
+                          args=ocp.args.Composite(**items))
 
     def restore(self, step: int, abstract_state, data_iterator=None):
         """Restores `step` into the structure of `abstract_state` (arrays or ShapeDtypeStructs)
         and, when given, moves `data_iterator` to where it was; returns the state."""
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract_state)
         items = {"state": ocp.args.StandardRestore(abstract)}
-        if data_iterator is not None:
+        if data_iterator is not None and os.path.isdir(os.path.join(self.directory, str(step), "data")):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
