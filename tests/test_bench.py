@@ -1,0 +1,26 @@
+"""The benchmark harness end to end on a tiny model: flags, every measurement, the JSON file.
+Timings are not checked: they belong to the benchmark, not the tests."""
+import json
+
+from tests.test_cli import run
+
+
+def test_bench_writes_every_measurement(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run("experiments.bench", "--config=configs/gpt2.py:tiny", "--config.model.n_layer=1",
+                 "--config.model.d_model=32", "--config.model.n_head=2", "--config.model.d_ff=64",
+                 "--config.model.max_len=16", "--config.data.seq_len=16", "--config.data.batch_size=4",
+                 f"--config.data.data_dir={tmp_path / 'data'}", "--prompt_len=4", "--new_tokens=4",
+                 "--warmup=0", "--repeats=1", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert {"shape", "notes", "machine", "matmul_peak_flops", "ratios", "train", "sample", "data"} <= set(results)
+    train = results["train"]
+    for key in ("tokens_per_s", "model_flops_per_s", "mfu", "lower_s", "compile_s", "peak_memory_mb",
+                "memory_source", "step_times_s"):
+        assert key in train, key
+    assert len(train["step_times_s"]) == 1 and train["tokens_per_step"] == 64
+    assert "tokens_per_s" in results["sample"] or results["sample"]["skipped"].startswith("sampling:")
+    assert results["data"]["tokens_per_s"] > 0
+    assert "train ours" in result.stdout and "MFU" in result.stdout
+
