@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup setup-dev demo test bench bench-gpu lint clean
+.PHONY: setup setup-dev demo test bench bench-gpu lint clean sweep
 
 setup: $(VENV)/.runtime
 setup-dev: $(VENV)/.dev
@@ -23,6 +23,12 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(PY) -m experiments.train --config=configs/gpt1.py:tiny --workdir=$(DEMO_DIR)
+
+# Runs a sweep and its report (default: pre- vs post-LN, ~15 min on 2 CPU cores); rerun to resume.
+SWEEP ?= configs/sweeps/norm_placement.py:tiny
+SWEEP_DIR ?= runs/norm_placement_tiny
+sweep: setup
+	$(PY) -m experiments.sweep --config=$(SWEEP) --workdir=$(SWEEP_DIR)
 
 test: setup-dev
 	$(PY) -m pytest -q tests
