@@ -42,7 +42,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.keep_best = True  # also keep the checkpoint with the lowest eval loss
     c.train.skip_nonfinite = False  # True: skip an update whose loss or gradient is not finite
     c.train.poison_step = 0  # testing aid: > 0 makes that step's loss NaN
-    c.train.parallelism = "jit"  # jit (one device) | pmap (data parallel, all local devices)
+    c.train.parallelism = "jit"  # jit (one device) | pmap (data parallel, local devices) | mesh (FSDP)
+    c.train.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1})  # mesh only; -1: the rest
     c.train.seed = 0
     c.train.peak_flops = 0.0  # per device, for MFU; 0 = measure a matmul at start-up
     return c

@@ -24,7 +24,7 @@ from gpt.checkpoint import Checkpointer
 from gpt.configuration import resume_changes, validate
 from gpt.model import GPT, ConfigError
 from gpt.optim import make_optimizer
-from gpt.train_step import create_state, make_steps
+from gpt.train_step import create_state, make_mesh, make_steps
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, logs and checkpoints.")
@@ -93,8 +93,11 @@ def _resume(ckpt: Checkpointer, state, train_iter, config, workdir: str):
 def train_and_evaluate(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
     workdir = common.prepare_workdir(workdir)
-    num_devices = jax.local_device_count() if config.train.parallelism == "pmap" else 1
-    model_cfg = validate(config, num_devices * jax.process_count())
+    parallelism = config.train.parallelism
+    mesh = make_mesh(config.train.mesh.data, config.train.mesh.fsdp) if parallelism == "mesh" else None
+    num_devices = {"jit": 1, "pmap": jax.local_device_count() * jax.process_count()}.get(
+        parallelism, jax.device_count())
+    model_cfg = validate(config, num_devices)
     tokenizer = data.get_tokenizer(config.data)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError("model.vocab_size",
@@ -105,9 +108,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     model = GPT(model_cfg)
     tx, schedule = make_optimizer(config.optim, total_steps)
-    steps = make_steps(model, schedule, config.train.parallelism, config.train.grad_accum_steps,
-                       skip_nonfinite=config.train.skip_nonfinite, poison_step=config.train.poison_step)
-    state = create_state(model, tx, config.train.seed, config.data.seq_len)
+    steps = make_steps(model, schedule, parallelism, config.train.grad_accum_steps,
+                       skip_nonfinite=config.train.skip_nonfinite, poison_step=config.train.poison_step,
+                       mesh=mesh)
+    state = create_state(model, tx, config.train.seed, config.data.seq_len, steps.shardings)
     train_iter = data.make_train_iterator(config.data, seed=config.train.seed,
                                           process_index=jax.process_index(),
                                           process_count=jax.process_count())
@@ -122,7 +126,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     n_params = flops.count_params(state.params)
     flops_per_tok = flops.flops_per_token(model_cfg, n_params, config.data.seq_len)
-    peak = (config.train.peak_flops or flops.measure_matmul_flops()) * num_devices * jax.process_count()
+    peak = (config.train.peak_flops or flops.measure_matmul_flops()) * num_devices
     tokens_per_step = config.data.batch_size * config.data.seq_len
     writer = common.MetricWriter(workdir, resume_step=start_step)
     tqdm.write(f"{n_params:,} parameters | {flops_per_tok / 1e6:.1f} MFLOPs/token | "

@@ -17,24 +17,29 @@ from flax.training import train_state
 
 from gpt.model import GPT
 
-PARALLELISMS = ("jit", "pmap")
+PARALLELISMS = ("jit", "pmap", "mesh")
 AXIS = "batch"
+MESH_AXES = ("data", "fsdp")
+MIN_SHARDED_SIZE = 1024  # smaller leaves (biases, gains, the RNG key, counters) stay replicated
 
 
 class TrainState(train_state.TrainState):
     rng: jax.Array  # base dropout key; per step, device and micro-batch keys are folded in
 
 
-def create_state(model: GPT, tx: optax.GradientTransformation, seed: int, seq_len: int) -> TrainState:
+def create_state(model: GPT, tx: optax.GradientTransformation, seed: int, seq_len: int,
+                 shardings: Callable | None = None) -> TrainState:
+    """With `shardings` (abstract state -> shardings) every device initialises only its own
+    shard: no host ever holds the whole model."""
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
 
-    @jax.jit
     def init():
         params = model.init(init_rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
         state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng)
         return state.replace(step=jnp.zeros((), jnp.int32))  # not weak-typed: no recompiles
 
-    return init()
+    out_shardings = shardings(jax.eval_shape(init)) if shardings else None
+    return jax.jit(init, out_shardings=out_shardings)()
 
 
 def cross_entropy(logits_BxTxV, targets_BxT) -> jax.Array:
@@ -111,10 +116,69 @@ class Steps:
     put_batch: Callable[[Any], Any]
     host_state: Callable[[Any], TrainState]  # one copy, for checkpoints and inspection
     num_devices: int
+    shardings: Callable | None = None  # abstract state -> shardings, for create_state
+
+
+def make_mesh(data: int = 1, fsdp: int = -1) -> jax.sharding.Mesh:
+    """A (data, fsdp) mesh over all devices of all processes; -1 takes what is left."""
+    n = jax.device_count()
+    sizes = [data, fsdp]
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"train.mesh=(data={data}, fsdp={fsdp}) is not allowed: positive sizes, at most one -1")
+    if -1 in sizes:
+        known = abs(np.prod(sizes))
+        sizes[sizes.index(-1)] = n // known if n % known == 0 else 0
+    if np.prod(sizes) != n:
+        raise ValueError(f"train.mesh=(data={data}, fsdp={fsdp}) is not allowed: "
+                         f"data x fsdp must equal the {n} devices")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, devices=jax.devices(),
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def fsdp_shardings(mesh: jax.sharding.Mesh, tree):
+    """Shards each large leaf along its largest dimension divisible by the fsdp size (so
+    parameters and Adam's moments are split the same way); replicates the rest."""
+    fsdp = mesh.shape["fsdp"]
+
+    def sharding(leaf):
+        spec = [None] * len(leaf.shape)
+        if fsdp > 1 and np.prod(leaf.shape) >= MIN_SHARDED_SIZE:
+            for axis in sorted(range(len(leaf.shape)), key=lambda a: -leaf.shape[a]):
+                if leaf.shape[axis] % fsdp == 0:
+                    spec[axis] = "fsdp"
+                    break
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+
+    return jax.tree_util.tree_map(sharding, tree)
+
+
+def _mesh_steps(step, mesh: jax.sharding.Mesh) -> Steps:
+    """jit over a (data, fsdp) mesh: the batch is split over both axes, the state along fsdp;
+    XLA inserts the all-gathers and reduce-scatters."""
+    P = jax.sharding.PartitionSpec
+    batch_sharding = jax.sharding.NamedSharding(mesh, P(MESH_AXES))
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    state_shardings = functools.partial(fsdp_shardings, mesh)
+    compiled = {}
+
+    def train(state, batch):
+        if "train" not in compiled:  # the state's shardings are known once it exists
+            out = (jax.tree_util.tree_map(lambda x: x.sharding, state), replicated)
+            compiled["train"] = jax.jit(step, out_shardings=out, donate_argnums=0)
+        return compiled["train"](state, batch)
+
+    def put_batch(batch):  # each process contributes its own rows of the global batch
+        return jax.tree_util.tree_map(
+            lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
+
+    return Steps(train=train, eval=jax.jit(eval_step, out_shardings=replicated),
+                 put_state=lambda s: jax.device_put(s, state_shardings(s)), put_batch=put_batch,
+                 host_state=lambda s: s, num_devices=jax.device_count(), shardings=state_shardings)
 
 
 def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int = 1, *,
-               skip_nonfinite: bool = False, poison_step: int = 0) -> Steps:
+               skip_nonfinite: bool = False, poison_step: int = 0,
+               mesh: jax.sharding.Mesh | None = None) -> Steps:
     step = functools.partial(train_step, schedule=schedule, accum_steps=accum_steps,
                              dropout=_uses_dropout(model), skip_nonfinite=skip_nonfinite,
                              poison_step=poison_step)
@@ -122,6 +186,8 @@ def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int 
         return Steps(train=jax.jit(step, donate_argnums=0), eval=jax.jit(eval_step),
                      put_state=lambda s: s, put_batch=lambda b: b, host_state=lambda s: s,
                      num_devices=1)
+    if parallelism == "mesh":
+        return _mesh_steps(step, mesh if mesh is not None else make_mesh())
     if parallelism != "pmap":
         raise ValueError(f"train.parallelism={parallelism!r} is not allowed: one of {', '.join(PARALLELISMS)}")
 

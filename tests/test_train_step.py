@@ -49,9 +49,9 @@ def test_dropout_is_reproducible_and_depends_on_step():
     assert max_relative_error(a.params, no_dropout.params) > 1e-6
 
 
-def test_pmap_matches_jit_on_8_devices():
+def test_pmap_and_mesh_match_jit_on_8_devices():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    script = os.path.join(os.path.dirname(__file__), "multidevice_pmap.py")
+    script = os.path.join(os.path.dirname(__file__), "multidevice_steps.py")
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("max relative parameter error") == 2, result.stdout
+    assert result.stdout.count("max relative parameter error") == 4, result.stdout

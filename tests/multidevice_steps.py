@@ -1,0 +1,47 @@
+"""Run by test_train_step.py in a subprocess with 8 host devices: pmap and the sharded
+mesh steps must equal the single-device jit step."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gpt.train_step import create_state, make_mesh, make_steps  # noqa: E402
+from tests.helpers import batches, max_relative_error, model_and_state, tiny_config  # noqa: E402
+
+
+def run(parallelism, accum, mesh=None):
+    config = tiny_config()
+    model, schedule, state = model_and_state(config)
+    steps = make_steps(model, schedule, parallelism, accum, mesh=mesh)
+    if steps.shardings:  # initialised in place, each device holding its shard
+        state = create_state(model, state.tx, config.train.seed, config.data.seq_len, steps.shardings)
+        sharded = [x for x in jax.tree_util.tree_leaves(state.params) if not x.sharding.is_fully_replicated]
+        assert sharded, "fsdp sharded no parameter"
+    device_state = steps.put_state(state)
+    losses = []
+    for batch in batches(config, 3):
+        device_state, metrics = steps.train(device_state, steps.put_batch(batch))
+        losses.append(float(metrics["loss"]))
+    return steps.host_state(device_state).params, losses, steps.num_devices
+
+
+def main():
+    assert jax.local_device_count() == 8, jax.devices()
+    ref_params, ref_losses, _ = run("jit", 1)
+    for parallelism, accum, mesh in (("pmap", 1, None), ("pmap", 2, None), ("mesh", 1, make_mesh(1, 8)),
+                                     ("mesh", 2, make_mesh(2, 4))):
+        params, losses, n = run(parallelism, accum, mesh)
+        assert n == 8
+        err = max_relative_error(jax.device_get(params), ref_params)
+        name = f"{parallelism}{dict(mesh.shape) if mesh else ''} accum={accum}"
+        print(f"{name}: max relative parameter error after 3 steps {err:.2e}")
+        assert err < 1e-5, err
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+if __name__ == "__main__":
+    main()
