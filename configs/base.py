@@ -45,5 +45,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.parallelism = "jit"  # jit (one device) | pmap (data parallel, local devices) | mesh (FSDP)
     c.train.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1})  # mesh only; -1: the rest
     c.train.seed = 0
+    c.train.distributed = False  # True: jax.distributed.initialize() first (multi-host)
+    c.train.num_processes = 0  # distributed by hand: with JAX_COORDINATOR_ADDRESS; 0 = detect
+    c.train.process_id = 0
     c.train.peak_flops = 0.0  # per device, for MFU; 0 = measure a matmul at start-up
     return c

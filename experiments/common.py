@@ -110,9 +110,12 @@ class MetricWriter:
     On resume, lines past the restored step (written after the last checkpoint by the
     interrupted run) are dropped so the log reads as one uninterrupted run."""
 
-    def __init__(self, workdir: str, resume_step: int = 0):
+    def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
         from tensorboardX import SummaryWriter
 
+        self.enabled = enabled
+        if not enabled:  # another process of a multi-host run writes the logs
+            return
         self.path = os.path.join(workdir, "metrics.jsonl")
         kept = []
         if os.path.exists(self.path):
@@ -125,11 +128,15 @@ class MetricWriter:
         self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self.jsonl.flush()
         for key, value in metrics.items():
             self.tb.add_scalar(key, value, step)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.jsonl.close()
         self.tb.close()

@@ -30,6 +30,23 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, logs and checkpoints.")
 
 
+def _log(message: str) -> None:
+    """Only process 0 speaks: a pod slice of hosts would otherwise print everything N times."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def _initialize_distributed(train_cfg) -> None:
+    """Joins the processes of a multi-host run before any other JAX call. With no explicit
+    values, JAX detects TPU pods, SLURM, Open MPI and similar from their environment; by hand:
+    JAX_COORDINATOR_ADDRESS=host:port plus train.num_processes and train.process_id."""
+    kwargs = {}
+    if train_cfg.num_processes > 0:
+        kwargs = {"num_processes": train_cfg.num_processes, "process_id": train_cfg.process_id}
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; ignored elsewhere
+    jax.distributed.initialize(**kwargs)
+
+
 class Diverged(RuntimeError):
     """Training produced a non-finite loss or gradient norm; exit status 3."""
 
@@ -85,7 +102,7 @@ def _resume(ckpt: Checkpointer, state, train_iter, config, workdir: str):
                 f.write(json.dumps({"changes": {k: list(v) for k, v in safe.items()}}) + "\n")
     restored, step, unreadable = ckpt.restore_latest_valid(state, train_iter)
     for bad_step, reason, moved_to in unreadable:
-        tqdm.write(f"warning: checkpoint at step {bad_step} is unreadable ({reason}); "
+        _log(f"warning: checkpoint at step {bad_step} is unreadable ({reason}); "
                    f"moved to {moved_to}, trying the previous one")
     return (restored, step) if restored is not None else (state, None)
 
@@ -122,21 +139,23 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         keep_best=config.train.keep_best)
     state, resumed_step = _resume(ckpt, state, train_iter, config, workdir)
     start_step = resumed_step or 0
-    common.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+    if jax.process_index() == 0:
+        common.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
 
     n_params = flops.count_params(state.params)
     flops_per_tok = flops.flops_per_token(model_cfg, n_params, config.data.seq_len)
     peak = (config.train.peak_flops or flops.measure_matmul_flops()) * num_devices
     tokens_per_step = config.data.batch_size * config.data.seq_len
-    writer = common.MetricWriter(workdir, resume_step=start_step)
-    tqdm.write(f"{n_params:,} parameters | {flops_per_tok / 1e6:.1f} MFLOPs/token | "
+    writer = common.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
+    _log(f"{n_params:,} parameters | {flops_per_tok / 1e6:.1f} MFLOPs/token | "
                f"{total_steps:,} steps of {tokens_per_step:,} tokens | "
                f"{'from scratch' if resumed_step is None else f'resuming from step {resumed_step}'}")
 
     device_state = steps.put_state(state)
     last = {}
     preemption = _Preemption()
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
     timer_step, timer = start_step, None
     try:
         for step in range(start_step + 1, total_steps + 1):
@@ -167,19 +186,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     last["eval/loss"] = evaluate(steps, device_state, eval_batches)
                 writer.write(step, last)
                 bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                tqdm.write(f"step {step:>7} | " + " | ".join(f"{k} {v:.4g}" for k, v in last.items()))
+                _log(f"step {step:>7} | " + " | ".join(f"{k} {v:.4g}" for k, v in last.items()))
                 timer_step, timer = step, time.perf_counter()
 
             if is_ckpt:
                 ckpt.save(step, steps.host_state(device_state), train_iter, config.to_dict(),
                           metrics=last if is_log else None)
             if preemption.requested:
-                tqdm.write(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume")
+                _log(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume")
                 break
         else:
             if not last:  # nothing left to train: report where the run stands
                 last = {"eval/loss": evaluate(steps, device_state, eval_batches)}
-                tqdm.write(f"already trained to step {start_step}; eval/loss {last['eval/loss']:.4g}")
+                _log(f"already trained to step {start_step}; eval/loss {last['eval/loss']:.4g}")
     finally:
         preemption.restore()
         bar.close()
@@ -194,6 +213,8 @@ def main(argv):
     if _CONFIG.value is None:
         raise ValueError("--config is required, e.g. --config=configs/gpt1.py:tiny")
     config = _CONFIG.value
+    if config.train.distributed:
+        _initialize_distributed(config.train)
     last = train_and_evaluate(config, _WORKDIR.value)
     if "eval/loss" in last:
         entropy = data.unigram_entropy(config.data)

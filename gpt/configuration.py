@@ -54,7 +54,8 @@ RESUME_SAFE = (
     "train.steps", "train.epochs", "train.log_every", "train.eval_every", "train.eval_steps",
     "train.ckpt_every", "train.keep_ckpts", "train.keep_best", "train.peak_flops",
     "train.parallelism", "train.mesh.data", "train.mesh.fsdp", "train.grad_accum_steps",
-    "train.skip_nonfinite", "train.poison_step",
+    "train.skip_nonfinite", "train.poison_step", "train.distributed", "train.num_processes",
+    "train.process_id",
     "model.embd_pdrop", "model.resid_pdrop", "model.attn_pdrop", "data.data_dir",
     "optim.lr", "optim.end_lr", "optim.warmup_steps", "optim.schedule",
 )

@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 
@@ -55,3 +56,43 @@ def test_pmap_and_mesh_match_jit_on_8_devices():
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("max relative parameter error") == 4, result.stdout
+
+
+def test_two_processes_match_one_device():
+    """jax.distributed on localhost: 2 processes x 4 CPU devices, each feeding its half of
+    the batch, train the same 3 steps as one device."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    script = os.path.join(os.path.dirname(__file__), "multihost_steps.py")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, script, str(port), str(i), "2"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    config = tiny_config()
+    model, schedule, state = model_and_state(config)
+    steps = make_steps(model, schedule, "jit")
+    expected = []
+    for batch in batches(config, 3):
+        state, metrics = steps.train(state, batch)
+        expected.append(float(metrics["loss"]))
+    for out in outputs:
+        losses = [float(x) for x in out.split("losses ")[1].split()]
+        np.testing.assert_allclose(losses, expected, rtol=1e-5)
+
+
+def test_bfloat16_compute_tracks_float32():
+    """Parameters stay float32; matmuls run in bfloat16; LayerNorm, softmax and loss in float32."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        config = tiny_config(**{"model.dtype": dtype, "optim.lr": 1e-2})
+        model, schedule, state = model_and_state(config)
+        steps = make_steps(model, schedule, "jit")
+        for batch in batches(config, 1) * 12:
+            state, metrics = steps.train(state, batch)
+        assert jax.tree_util.tree_leaves(state.params)[0].dtype == np.float32
+        losses[dtype] = float(metrics["loss"])
+    assert np.isfinite(losses["bfloat16"])
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=0.02)
+    assert losses["float32"] < np.log(tiny_config().model.vocab_size) - 0.3  # it did learn
