@@ -106,22 +106,33 @@ class CausalSelfAttention(nn.Module):
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, deterministic: bool):
+    def __call__(self, x_BxTxD, deterministic: bool, cache=None, positions_BxT=None):
+        """Returns (out, cache). Without a cache (None): causal attention over x. With one
+        ((k, v), each B x L x H x K): this call's keys and values are written at
+        `positions_BxT` first, and each query attends to the slots at or before its position."""
         cfg = self.cfg
         B, T, _ = x_BxTxD.shape
         qkv = _dense(cfg, 3 * cfg.d_model, "c_attn")(x_BxTxD)
-        q_BxTxHxK, k_BxTxHxK, v_BxTxHxK = (
+        q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = (
             a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))
-        scores_BxHxTxT = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxTxHxK)
-        scores_BxHxTxT = scores_BxHxTxT.astype(jnp.float32) / math.sqrt(cfg.head_dim)
-        causal_TxT = jnp.tril(jnp.ones((T, T), dtype=bool))
-        scores_BxHxTxT = jnp.where(causal_TxT, scores_BxHxTxT, jnp.finfo(jnp.float32).min)
-        probs_BxHxTxT = jax.nn.softmax(scores_BxHxTxT, axis=-1).astype(cfg.dtype)
-        probs_BxHxTxT = nn.Dropout(cfg.attn_pdrop)(probs_BxHxTxT, deterministic=deterministic)
-        out_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxTxT, v_BxTxHxK)
+        if cache is None:
+            visible_BxTxS = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
+        else:
+            rows_Bx1 = jnp.arange(B)[:, None]
+            k_BxSxHxK = cache[0].at[rows_Bx1, positions_BxT].set(k_BxSxHxK.astype(cache[0].dtype))
+            v_BxSxHxK = cache[1].at[rows_Bx1, positions_BxT].set(v_BxSxHxK.astype(cache[1].dtype))
+            slots_S = jnp.arange(k_BxSxHxK.shape[1])
+            visible_BxTxS = slots_S[None, None, :] <= positions_BxT[:, :, None]
+        scores_BxHxTxS = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxSxHxK)
+        scores_BxHxTxS = scores_BxHxTxS.astype(jnp.float32) / math.sqrt(cfg.head_dim)
+        scores_BxHxTxS = jnp.where(visible_BxTxS[:, None], scores_BxHxTxS, jnp.finfo(jnp.float32).min)
+        probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(cfg.dtype)
+        probs_BxHxTxS = nn.Dropout(cfg.attn_pdrop)(probs_BxHxTxS, deterministic=deterministic)
+        out_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxTxS, v_BxSxHxK)
         out_BxTxD = _dense(cfg, cfg.d_model, "c_proj", cfg.residual_init_std)(
             out_BxTxHxK.reshape(B, T, cfg.d_model))
-        return nn.Dropout(cfg.resid_pdrop)(out_BxTxD, deterministic=deterministic)
+        out_BxTxD = nn.Dropout(cfg.resid_pdrop)(out_BxTxD, deterministic=deterministic)
+        return out_BxTxD, (None if cache is None else (k_BxSxHxK, v_BxSxHxK))
 
 
 class MLP(nn.Module):
@@ -136,20 +147,34 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer block; `norm_position` selects GPT-1's or GPT-2's wiring."""
+    """One transformer block; `norm_position` selects GPT-1's or GPT-2's wiring.
+
+    With a `cache` (see CausalSelfAttention) it returns (x, cache)."""
 
     cfg: GPTConfig
 
     @nn.compact
-    def __call__(self, x_BxTxD, deterministic: bool):
+    def __call__(self, x_BxTxD, deterministic: bool, cache=None, positions_BxT=None):
         cfg = self.cfg
         attn, mlp = CausalSelfAttention(cfg, name="attn"), MLP(cfg, name="mlp")
         ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
         if cfg.norm_position == "post":
-            x_BxTxD = ln_1(x_BxTxD + attn(x_BxTxD, deterministic))
-            return ln_2(x_BxTxD + mlp(x_BxTxD, deterministic))
-        x_BxTxD = x_BxTxD + attn(ln_1(x_BxTxD), deterministic)
-        return x_BxTxD + mlp(ln_2(x_BxTxD), deterministic)
+            y_BxTxD, cache = attn(x_BxTxD, deterministic, cache, positions_BxT)
+            x_BxTxD = ln_1(x_BxTxD + y_BxTxD)
+            x_BxTxD = ln_2(x_BxTxD + mlp(x_BxTxD, deterministic))
+        else:
+            y_BxTxD, cache = attn(ln_1(x_BxTxD), deterministic, cache, positions_BxT)
+            x_BxTxD = x_BxTxD + y_BxTxD
+            x_BxTxD = x_BxTxD + mlp(ln_2(x_BxTxD), deterministic)
+        return x_BxTxD if cache is None else (x_BxTxD, cache)
+
+
+def init_cache(cfg: GPTConfig, batch_size: int, length: int):
+    """An empty KV cache for `GPT.decode`: per layer (k, v), each B x L x H x K, where slot
+    l holds the keys and values of the token at position l. L <= max_len."""
+    shape = (batch_size, length, cfg.n_head, cfg.head_dim)
+    return tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+                 for _ in range(cfg.n_layer))
 
 
 class GPT(nn.Module):
@@ -174,12 +199,32 @@ class GPT(nn.Module):
 
     def hidden_states(self, tokens_BxT, deterministic: bool = True):
         """Final hidden states, before the head (what a fine-tuning classifier reads)."""
-        T = tokens_BxT.shape[1]
-        x_BxTxD = self.wte(tokens_BxT) + self.wpe(jnp.arange(T))[None]
+        positions_1xT = jnp.arange(tokens_BxT.shape[1])[None]
+        return self._stack(tokens_BxT, positions_1xT, deterministic)[0]
+
+    def decode(self, tokens_BxT, positions_BxT, cache):
+        """Inference with a KV cache (`init_cache`): tokens at the given positions see the
+        cached tokens at or before their own position. Returns (h_BxTxD, cache); the
+        caller picks the rows of h it needs before `logits`.
+
+        Each row has its own positions, so a batch of prompts of different lengths
+        decodes at its true positions. Slots beyond a row's current position may hold
+        anything (e.g. its right padding): they are masked until overwritten."""
+        return self._stack(tokens_BxT, positions_BxT, True, cache)
+
+    def _stack(self, tokens_BxT, positions_BxT, deterministic, cache=None):
+        """Embeddings, blocks and ln_f -> (h_BxTxD, the updated cache or None)."""
+        x_BxTxD = self.wte(tokens_BxT) + self.wpe(positions_BxT)
         x_BxTxD = self.drop(x_BxTxD, deterministic=deterministic)
-        for block in self.blocks:
-            x_BxTxD = block(x_BxTxD, deterministic)
-        return self.ln_f(x_BxTxD) if self.ln_f is not None else x_BxTxD
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            if cache is None:
+                x_BxTxD = block(x_BxTxD, deterministic)
+            else:
+                x_BxTxD, layer_cache = block(x_BxTxD, deterministic, cache[i], positions_BxT)
+                new_cache.append(layer_cache)
+        h_BxTxD = self.ln_f(x_BxTxD) if self.ln_f is not None else x_BxTxD
+        return h_BxTxD, (None if cache is None else tuple(new_cache))
 
     def logits(self, h_BxTxD):
         if self.cfg.tie_embeddings:
