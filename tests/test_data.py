@@ -1,8 +1,17 @@
 """The data pipeline: corpus split, tokenizers, packing, sharding, resumption."""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from unittest import mock
+
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
 
 from configs.base import get_base_config
 from gpt import data
@@ -56,10 +65,72 @@ def test_split_document_keeps_every_character():
     assert data.split_document("no paragraph break") == ("no paragraph break", "")
 
 
-def test_unknown_corpus_names_the_key(cfg):
-    cfg.name = "xyz"
-    with pytest.raises(ValueError, match=r"^data.name='xyz' is not allowed: one of pydoc$"):
+@pytest.mark.parametrize("name", ["xyz", "c4/xyz", "Bad Name!"])
+def test_unknown_dataset_names_the_key(cfg, name):
+    cfg.name = name
+    with pytest.raises(ValueError, match=rf"^data.name='{name}' is not allowed: pydoc, text:PATH"):
         data.documents(cfg, "train")
+
+
+class SmallTexts(tfds.core.GeneratorBasedBuilder):
+    """A TFDS dataset with two text features and no validation split, prepared by the tests."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+            {"title": tfds.features.Text(), "body": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(0, 20), "test": self._generate_examples(20, 25)}
+
+    def _generate_examples(self, start, stop):
+        for i in range(start, stop):
+            yield i, {"title": f"title {i}", "body": f"body of document {i}. " * 10}
+
+
+def test_tfds_dataset_by_name(cfg, tmp_path):
+    cfg.data_dir = str(tmp_path)
+    cfg.name = "small_texts"
+    tfds.builder("small_texts", data_dir=str(tmp_path), file_format="array_record") \
+        .download_and_prepare()
+    with pytest.raises(ValueError, match=r"data.text_feature='' is not allowed: .*title, body"):
+        data.documents(cfg, "train")
+    cfg.text_feature = "body"
+    assert sorted(data.documents(cfg, "validation")) == sorted(  # no validation split: test
+        f"body of document {i}. " * 10 for i in range(20, 25))
+    assert len(data.documents(cfg, "train")) == 20
+    batch = next(data.make_train_iterator(cfg, seed=0))
+    assert batch["inputs"].shape == (4, 32)
+    assert data.make_eval_batches(cfg, num_batches=1)
+
+
+def test_tfds_mock_data_finds_the_text_feature(cfg):
+    """pg19's only text feature is book_text; without a validation or test split, train's tail."""
+    cfg.name = "pg19"
+    with tfds.testing.mock_data(num_examples=12), \
+            mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True):
+        texts = list(data.documents(cfg, "validation"))
+        assert len(texts) == 12 and all(isinstance(t, str) for t in texts)
+        assert next(data.make_train_iterator(cfg, seed=0))["inputs"].shape == (4, 32)
+
+
+@pytest.mark.parametrize("name,needs", [
+    ("tiny_shakespeare", r"pip install tensorflow; python -c .*"),
+    ("wikipedia/20230601.en", r"pip install (tensorflow )?apache-beam; .*beam_datasets"),
+    ("c4/webtextlike", r"by hand, put them in .*downloads/manual \(.*OpenWebText.zip"),
+])
+def test_unprepared_dataset_says_how_to_prepare(cfg, tmp_path, name, needs):
+    cfg.data_dir = str(tmp_path)
+    cfg.name = name
+    with pytest.raises(FileNotFoundError) as e:
+        data.documents(cfg, "train")
+    message = str(e.value)
+    assert message.startswith(f"data.name={name!r}: the TFDS dataset {name} is not prepared in")
+    assert "\n" not in message
+    assert f"tfds.builder('{name}', data_dir='{tmp_path}')" in message
+    assert "download_and_prepare(file_format='array_record')" in message
+    assert re.search(needs, message)
 
 
 def test_unknown_tokenizer_names_the_key(cfg):
@@ -177,18 +248,6 @@ def test_orbax_checkpoints_the_iterator(cfg, tmp_path):
         np.testing.assert_array_equal(a["inputs"], b["inputs"])
 
 
-def test_hosts_read_disjoint_documents(cfg):
-    cfg.seq_len = 1024
-    tok = data.get_tokenizer(cfg)
-    seen = []
-    for index in range(2):
-        it = data.make_train_iterator(cfg, seed=0, process_index=index, process_count=2)
-        batches = _take(it, 30)
-        assert batches[0]["inputs"].shape == (2, 1024)
-        seen.append({tok.decode(d) for d in _stream(batches, tok.eot_id)[1:-1]})
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
-
-
 def test_batch_size_must_divide(cfg):
     with pytest.raises(ValueError, match="data.batch_size=4 is not allowed: a multiple of the 3"):
         data.make_train_iterator(cfg, seed=0, process_count=3)
@@ -226,3 +285,133 @@ def test_token_counts_and_unigram_entropy(cfg):
     assert data.count_tokens(cfg, "train") == sum(len(t.encode()) for t in train) + len(train)
     entropy = data.unigram_entropy(cfg)
     assert 2.0 < entropy < np.log(257)
+
+
+def _write_corpus(directory, n=40):
+    """n .txt documents of three long paragraphs and a short last one (validation), and a
+    .jsonl of n one-line documents."""
+    os.makedirs(directory, exist_ok=True)
+    for i in range(n):
+        paragraphs = [f"text {i} part {j}: " + " ".join(f"w{i * 7 + j * k}" for k in range(12))
+                      for j in range(3)] + [f"end of text {i}."]
+        with open(os.path.join(directory, f"doc{i:02d}.txt"), "w") as f:
+            f.write("\n\n".join(paragraphs))
+    with open(os.path.join(directory, "lines.jsonl"), "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"text": f"line {i}: short document number {i}.", "id": i}) + "\n")
+        f.write("\n")  # blank lines are skipped
+
+
+@pytest.fixture
+def local(cfg, tmp_path):
+    _write_corpus(tmp_path / "corpus")
+    cfg.name = f"text:{tmp_path / 'corpus'}"
+    return cfg
+
+
+def test_local_text_files_and_jsonl(local, tmp_path):
+    root = tmp_path / "corpus"
+    train, validation = (list(data.documents(local, s)) for s in ("train", "validation"))
+    assert sorted(t for t in validation if t.startswith("end")) == sorted(
+        f"end of text {i}." for i in range(40))
+    lines = [t for t in train + validation if t.startswith("line ")]
+    assert sorted(lines) == sorted(f"line {i}: short document number {i}." for i in range(40))
+    assert 0 < len([t for t in validation if t.startswith("line ")]) < 10  # whole, 1 in 10
+    assert sum(t.startswith("text ") for t in train) == 40
+    local.name = f"text:{root}/doc0*.txt, {root / 'lines.jsonl'}"
+    assert len(data.documents(local, "train")) == 10 + len(
+        [t for t in train if t.startswith("line ")])
+    assert next(data.make_train_iterator(local, seed=0))["inputs"].shape == (4, 32)
+
+
+def test_local_text_edited_is_prepared_again(local, tmp_path):
+    first = data.corpus.corpus_id(local)
+    (tmp_path / "corpus" / "doc00.txt").write_text("edited " * 20 + "\n\nthe end")
+    assert data.corpus.corpus_id(local) != first
+    assert "edited " * 20 + "\n\n" in list(data.documents(local, "train"))
+
+
+@pytest.mark.parametrize("file,content,error", [
+    ("missing.txt", None, r"'\S*missing.txt' is no .txt or .jsonl file, nor a directory or glob"),
+    ("empty.txt", "  \n\n", r"empty.txt is empty"),
+    ("bad.jsonl", '{"body": "x"}\n', r"bad.jsonl:1 is not a JSON object with a string \"text\""),
+    ("notes.md", "# notes", r"notes.md is neither .txt nor .jsonl"),
+    ("short.txt", "one paragraph only", r"leaves nothing for validation"),
+])
+def test_local_text_errors_name_the_path(cfg, tmp_path, file, content, error):
+    if content is not None:
+        (tmp_path / file).write_text(content)
+    cfg.name = f"text:{tmp_path / file}"
+    with pytest.raises((ValueError, FileNotFoundError), match=rf"^data.name='text:.*{error}"):
+        data.documents(cfg, "train")
+
+
+def test_hosts_shards_are_disjoint_and_cover_train(local):
+    """Document-level: over two epochs each host sees whole documents, together all of train."""
+    local.name += "/lines.jsonl"
+    local.seq_len = 64
+    tok = data.get_tokenizer(local)
+    train = set(data.documents(local, "train"))
+    seen = []
+    for index in range(2):
+        it = data.make_train_iterator(local, seed=0, process_index=index, process_count=2)
+        docs = _stream(_take(it, 2 * 36 * 40 // (2 * 65) + 2), tok.eot_id)[1:-1]
+        seen.append({tok.decode(d[:-1]) for d in docs})
+    assert seen[0] <= train and seen[1] <= train
+    assert not seen[0] & seen[1]
+    assert seen[0] | seen[1] == train
+
+
+def test_resume_in_a_new_process(local, tmp_path):
+    it = data.make_train_iterator(local, seed=5)
+    _take(it, 7)
+    (tmp_path / "state.json").write_text(json.dumps(it.get_state(), default=str))
+    expected = next(it)
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        from configs.base import get_base_config
+        from gpt import data
+        cfg = get_base_config().data
+        cfg.update({json.dumps(local.to_dict())})
+        it = data.make_train_iterator(cfg, seed=5)
+        it.set_state(json.loads(open(sys.argv[1]).read()))
+        np.save(sys.argv[2], next(it)["inputs"])
+    """)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "state.json"),
+                    str(tmp_path / "next.npy")], check=True, cwd=os.getcwd(),
+                   env={**os.environ, "PYTHONPATH": os.getcwd()})
+    np.testing.assert_array_equal(np.load(tmp_path / "next.npy"), expected["inputs"])
+
+
+@pytest.mark.parametrize("tokenizer,base", [("bytes", 257), ("gpt2", 50257), ("bpe", None)])
+def test_finetune_special_tokens_follow_the_vocabulary(cfg, tokenizer, base):
+    cfg.tokenizer = tokenizer
+    tok = data.get_tokenizer(cfg)
+    ft = tok.with_special_tokens()
+    base = base or tok.vocab_size
+    assert ft.vocab_size == base + 3 and tok.vocab_size == base
+    assert dict(ft.special_ids) == {"<|endoftext|>": tok.eot_id, "<start>": base,
+                                    "<delim>": base + 1, "<extract>": base + 2}
+    assert dict(tok.special_ids) == {"<|endoftext|>": tok.eot_id}
+    ids = [ft.special_ids["<start>"], *ft.encode("a b"), ft.special_ids["<delim>"],
+           *ft.encode("c"), ft.special_ids["<extract>"]]
+    assert "".join(ft.decode(ids).split()) == "<start>ab<delim>c<extract>"
+    assert ft.encode("<start>").max() < base  # text never becomes a special id
+    with pytest.raises(ValueError, match="each must be new"):
+        ft.with_special_tokens(["<start>"])
+
+
+def test_gpt2_published_ids_and_any_unicode(cfg):
+    cfg.tokenizer = "gpt2"
+    tok = data.get_tokenizer(cfg)
+    assert tok.encode(" the").tolist() == [262]
+    assert tok.encode("Hello, world!").tolist() == [15496, 11, 995, 0]
+    assert tok.encode("<|endoftext|>").tolist() == [27, 91, 437, 1659, 5239, 91, 29]
+    assert tok.decode([15496, 995, 50256]) == "Hello world<|endoftext|>"
+    rng = np.random.default_rng(0)
+    points = rng.integers(0, 0x110000, size=2000)
+    text = "".join(chr(p) for p in points if not 0xD800 <= p < 0xE000)
+    assert tok.decode(tok.encode(text)) == text
+    raw = bytes(range(256)).decode("latin-1") + "\x00\t\r\n \u200b\ufeff"
+    assert tok.decode(tok.encode(raw)) == raw

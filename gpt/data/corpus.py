@@ -1,15 +1,25 @@
-"""Text corpora as TFDS builders, prepared once as ArrayRecord and read without TensorFlow.
+"""Text corpora, read as ArrayRecord through TFDS without TensorFlow.
 
-A corpus is a set of named documents. `TextCorpus` turns any such set into a
-`train` and a `validation` split on disk; each named `CorpusConfig` says where
-its documents come from, so pointing the builder at a user's own files is one
-more config, not another builder.
+`data.name` is one of three things: a built-in corpus (`pydoc`, CPython's own
+documentation, always offline), `text:PATH` (the user's .txt / .jsonl files),
+or the name of any TFDS dataset with a text feature (`tiny_shakespeare`,
+`lm1b`, `pg19`, `c4/en`, `wikipedia/20230601.en`, ...). The first two go
+through `TextCorpus`, which turns a set of named documents into a `train` and a
+`validation` split on disk; each `CorpusConfig` says where its documents come
+from, so the user's own files are one more config, not another builder.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Mapping
 
 import grain
@@ -21,6 +31,13 @@ from gpt.model import ConfigError
 
 SPLITS = ("train", "validation")
 VALIDATION_START = 0.9  # validation is what follows the first paragraph break past here
+HOLD_OUT_ONE_IN = 10  # local text: a document without such a break goes whole to validation 1 in 10
+LOCAL_PREFIX = "text:"
+LOCAL_EXTENSIONS = (".txt", ".jsonl")
+TFDS_HELD_OUT = "1%"  # the tail of train that validates a TFDS dataset with neither validation nor test
+# Packages that some TFDS builders need to prepare (never to read): (pip name, module, marker in source).
+PREPARE_EXTRAS = (("tensorflow", "tensorflow", "import tensorflow as tf"),
+                  ("apache-beam", "apache_beam", "apache_beam"))
 
 
 def _pydoc_topics() -> Mapping[str, str]:
@@ -32,9 +49,13 @@ def _pydoc_topics() -> Mapping[str, str]:
 
 @dataclasses.dataclass(eq=False)
 class CorpusConfig(tfds.core.BuilderConfig):
-    """One corpus: `documents()` returns its documents as {unique key: text}."""
+    """One corpus: `documents()` returns its documents as {unique key: text}.
+
+    `hold_out_whole`: see `split_document`.
+    """
 
     documents: Callable[[], Mapping[str, str]] = dict
+    hold_out_whole: bool = False
 
 
 def deduplicate_paragraphs(documents: Mapping[str, str]) -> dict[str, str]:
@@ -62,7 +83,7 @@ def deduplicate_paragraphs(documents: Mapping[str, str]) -> dict[str, str]:
     return unique
 
 
-def split_document(text: str) -> tuple[str, str]:
+def split_document(text: str, hold_out_whole: bool = False) -> tuple[str, str]:
     """Splits one document into its train part and its validation part.
 
     Every document gives its tail to validation, cut at the first paragraph break
@@ -72,11 +93,16 @@ def split_document(text: str) -> tuple[str, str]:
     (on pydoc one topic is 13% of the text), and cutting at a paragraph break
     keeps both parts readable text. After `deduplicate_paragraphs`, pydoc keeps
     78 topics and 373 KB, and validation gets 8.3% of the characters, from 33
-    topics. The rule reads only the text, so the split is the same on every
-    machine and every run.
+    topics. With `hold_out_whole` (the user's files, where a .jsonl line is often
+    one paragraph), a document with no such break goes whole to validation when
+    its sha256 is 0 modulo 10. The rule reads only the text, so the split is the
+    same on every machine and every run.
     """
     cut = text.find("\n\n", int(len(text) * VALIDATION_START))
     if cut == -1:
+        digest = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+        if hold_out_whole and digest % HOLD_OUT_ONE_IN == 0:
+            return "", text
         return text, ""
     cut += 2  # the paragraph break ends the train part
     return text[:cut], text[cut:]
@@ -104,7 +130,7 @@ class TextCorpus(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, documents: Mapping[str, str], split: str):
         for key, text in documents.items():
-            part = split_document(text)[SPLITS.index(split)]
+            part = split_document(text, self.builder_config.hold_out_whole)[SPLITS.index(split)]
             if part:
                 yield key, {"text": part}
 
@@ -115,6 +141,83 @@ CORPORA = tuple(config.name for config in TextCorpus.BUILDER_CONFIGS)
 def data_dir(data_cfg: ml_collections.ConfigDict) -> str:
     """Where prepared corpora and learned tokenizers live; "" means ./data."""
     return os.path.abspath(data_cfg.data_dir or "data")
+
+
+def _local_files(spec: str) -> list[str]:
+    """The .txt / .jsonl files that `text:SPEC` names: directories, globs or files, comma-separated."""
+    files = []
+    for item in spec.split(","):
+        item = os.path.expanduser(item.strip())
+        if os.path.isdir(item):
+            found = [p for ext in LOCAL_EXTENSIONS
+                     for p in glob.glob(os.path.join(item, "**", "*" + ext), recursive=True)]
+        elif glob.has_magic(item):
+            found = [p for p in glob.glob(item, recursive=True)
+                     if p.endswith(LOCAL_EXTENSIONS) and os.path.isfile(p)]
+        elif os.path.isfile(item) and not item.endswith(LOCAL_EXTENSIONS):
+            raise ValueError(f"data.name={LOCAL_PREFIX + spec!r}: {item} is neither .txt nor .jsonl")
+        else:
+            found = [item] if os.path.isfile(item) else []
+        if not found:
+            raise FileNotFoundError(
+                f"data.name={LOCAL_PREFIX + spec!r}: {item!r} is no .txt or .jsonl file, "
+                "nor a directory or glob holding one")
+        files += sorted(os.path.abspath(p) for p in found)
+    return list(dict.fromkeys(files))
+
+
+def _read_local(path: str, spec: str) -> dict[str, str]:
+    """One .txt file is one document; each line of a .jsonl file is one, its "text" field."""
+    where = f"data.name={LOCAL_PREFIX + spec!r}: {path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text ({e})") from None
+    docs = {path: content}
+    if path.endswith(".jsonl"):
+        docs = {}
+        for number, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                text = None
+            if not isinstance(text, str):
+                raise ValueError(f"{where}:{number} is not a JSON object with a string \"text\"")
+            docs[f"{path}:{number}"] = text
+    docs = {key: text for key, text in docs.items() if text.strip()}
+    if not docs:
+        raise ValueError(f"{where} is empty")
+    return docs
+
+
+def _local_config(spec: str) -> CorpusConfig:
+    """The user's files as a corpus named by a hash of their names and contents.
+
+    An edited file changes the name, so it is prepared again, never read stale.
+    """
+    docs = {}
+    for path in _local_files(spec):
+        docs.update(_read_local(path, spec))
+    digest = hashlib.sha256()
+    for key in sorted(docs):
+        digest.update(f"{len(key)}:{key}{len(docs[key])}:{docs[key]}".encode("utf-8"))
+    if not any(split_document(text, True)[1] for text in deduplicate_paragraphs(docs).values()):
+        raise ValueError(
+            f"data.name={LOCAL_PREFIX + spec!r} leaves nothing for validation: it takes the text "
+            f"after a blank line in the last {1 - VALIDATION_START:.0%} of a document, or 1 in "
+            f"{HOLD_OUT_ONE_IN} documents without one; give more documents or blank lines")
+    return CorpusConfig(name=f"text-{digest.hexdigest()[:16]}", description=f"{LOCAL_PREFIX}{spec}",
+                        documents=lambda: docs, hold_out_whole=True)
+
+
+def corpus_id(data_cfg: ml_collections.ConfigDict) -> str:
+    """A file name for `data.name` that changes whenever its documents do."""
+    if data_cfg.name.startswith(LOCAL_PREFIX):
+        return _local_config(data_cfg.name[len(LOCAL_PREFIX):]).name
+    return data_cfg.name.replace("/", "_").replace(":", "-")
 
 
 @contextlib.contextmanager
@@ -128,16 +231,103 @@ def _no_progress_bars() -> Iterator[None]:
         tfds.display_progress_bar(was_on)
 
 
-def documents(data_cfg: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
-    """The texts (str) of one split of `data.name`, preparing the corpus on first use."""
-    if data_cfg.name not in CORPORA:
-        raise ConfigError("data.name", "one of " + ", ".join(CORPORA), data_cfg.name)
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is not allowed: one of {', '.join(SPLITS)}")
-    builder = TextCorpus(config=data_cfg.name, data_dir=data_dir(data_cfg),
-                         file_format="array_record")
+def _text_corpus_source(data_cfg: ml_collections.ConfigDict, split: str):
+    """pydoc or the user's files, prepared on first use."""
+    if data_cfg.name.startswith(LOCAL_PREFIX):
+        config = _local_config(data_cfg.name[len(LOCAL_PREFIX):])
+    else:
+        config = data_cfg.name
+    builder = TextCorpus(config=config, data_dir=data_dir(data_cfg), file_format="array_record")
     with _no_progress_bars():
         builder.download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    source = builder.as_data_source(split=split)
-    return grain.MapDataset.source(source).map(lambda example: example["text"].decode("utf-8"))
+    return builder.as_data_source(split=split)
+
+
+def _tfds_builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    name = data_cfg.name
+    # TFDS registers its older text builders (c4, wikipedia, ...) only when this module is imported.
+    importlib.import_module("tensorflow_datasets.text")
+    try:
+        return tfds.builder(name, data_dir=data_cfg.data_dir or None, file_format="array_record")
+    except (ValueError, AssertionError) as e:  # unknown name, config or version
+        reason = str(e).splitlines()[0]
+        raise ConfigError(
+            "data.name", f"{', '.join(CORPORA)}, {LOCAL_PREFIX}PATH (.txt / .jsonl files, a "
+            f"directory or a glob) or a TFDS dataset name ({reason})", name) from None
+
+
+def _how_to_prepare(builder: tfds.core.DatasetBuilder, name: str) -> str:
+    """What to run, where the network is reachable, to prepare `builder` as ArrayRecord."""
+    root = os.fspath(builder.data_dir_root)
+    source = inspect.getsource(sys.modules[type(builder).__module__])
+    extras = [pip for pip, module, marker in PREPARE_EXTRAS
+              if marker in source and importlib.util.find_spec(module) is None]
+    steps = [f"pip install {' '.join(extras)}"] if extras else []
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        manual = " ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
+        steps.append(f"if it needs files downloaded by hand, put them in "
+                     f"{os.path.join(root, 'downloads', 'manual')} ({manual})")
+    steps.append(f"python -c \"import tensorflow_datasets as tfds, tensorflow_datasets.text; "
+                 f"tfds.builder('{name}', data_dir='{root}')"
+                 f".download_and_prepare(file_format='array_record')\"")
+    if "apache_beam" in source:
+        steps.append("a large Beam dataset is best prepared on a cluster: "
+                     "https://www.tensorflow.org/datasets/beam_datasets")
+    return "; ".join(steps)
+
+
+def _tfds_source(data_cfg: ml_collections.ConfigDict, split: str):
+    """One split of a prepared TFDS dataset and the name of its text feature."""
+    builder = _tfds_builder(data_cfg)
+    name = data_cfg.name
+    if not builder.is_prepared():
+        raise FileNotFoundError(
+            f"data.name={name!r}: the TFDS dataset {name} is not prepared in "
+            f"{builder.data_dir_root}, and it is never downloaded during a run. "
+            f"To prepare it once with network access: {_how_to_prepare(builder, name)}")
+    feature = _text_feature(builder.info.features, data_cfg)
+    splits = builder.info.splits
+    held_out = "validation" not in splits and "test" not in splits
+    if split == "train":
+        tfds_split = f"train[:-{TFDS_HELD_OUT}]" if held_out else "train"
+    else:
+        tfds_split = (f"train[-{TFDS_HELD_OUT}:]" if held_out
+                      else "validation" if "validation" in splits else "test")
+    try:
+        return builder.as_data_source(split=tfds_split), feature
+    except NotImplementedError:  # prepared, but as TFRecord, which TFDS reads only with TensorFlow
+        raise ValueError(
+            f"data.name={name!r}: {builder.data_dir} holds it as "
+            f"{builder.info.file_format.value}, not ArrayRecord; prepare it again into another "
+            f"data.data_dir: {_how_to_prepare(builder, name)}") from None
+
+
+def _text_feature(features: tfds.features.FeaturesDict,
+                  data_cfg: ml_collections.ConfigDict) -> str:
+    """`data.text_feature`, else the dataset's only text feature, else the one called "text"."""
+    texts = [key for key, feature in features.items() if isinstance(feature, tfds.features.Text)]
+    wanted = data_cfg.get("text_feature", "")
+    if wanted in texts or (not wanted and len(texts) == 1):
+        return wanted or texts[0]
+    if not wanted and "text" in texts:
+        return "text"
+    raise ConfigError("data.text_feature",
+                      f"a text feature of {data_cfg.name}: one of {', '.join(texts) or '(none)'}",
+                      wanted)
+
+
+def _as_str(text: bytes | str) -> str:
+    return text.decode("utf-8") if isinstance(text, bytes) else text
+
+
+def documents(data_cfg: ml_collections.ConfigDict, split: str) -> grain.MapDataset:
+    """The texts (str) of one split of `data.name`; the built-in and local corpora are
+    prepared on first use, a TFDS dataset must be prepared already."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not allowed: one of {', '.join(SPLITS)}")
+    if data_cfg.name in CORPORA or data_cfg.name.startswith(LOCAL_PREFIX):
+        source, feature = _text_corpus_source(data_cfg, split), "text"
+    else:
+        source, feature = _tfds_source(data_cfg, split)
+    return grain.MapDataset.source(source).map(lambda example: _as_str(example[feature]))

@@ -2,7 +2,8 @@
 
 Every tokenizer maps text to int32 ids and back and has an end-of-text id that
 the pipeline appends after each document. `encode` treats text as text: a
-literal "<|endoftext|>" in a document is never turned into the end-of-text id.
+literal "<|endoftext|>" in a document is never turned into the end-of-text id,
+nor any other special token; special ids are placed by code, by `special_ids`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import hashlib
 import importlib.util
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -36,23 +37,56 @@ GPT2_FILES = {
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 BPE_ALPHABET = 1000  # most frequent characters kept as symbols; rarer ones become <unk>
 BPE_UNK = "<unk>"
+# GPT-1's fine-tuning inputs: [start] text [delim] text [extract]; the classifier reads [extract].
+FINETUNE_TOKENS = ("<start>", "<delim>", "<extract>")
 
 
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
-    """Text <-> int32 ids; `decode` renders the end-of-text id as "<|endoftext|>"."""
+    """Text <-> int32 ids; `decode` renders special ids by name ("<|endoftext|>", ...).
+
+    `special_ids` maps each special token's name to its id, end of text included.
+    """
 
     name: str
     vocab_size: int
     eot_id: int
     encode_fn: Callable[[str], Sequence[int]]
     decode_fn: Callable[[list[int]], str]
+    special_ids: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "special_ids", {EOT: self.eot_id, **self.special_ids})
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.encode_fn(text), dtype=np.int32)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self.decode_fn(np.asarray(ids).tolist())
+
+    def with_special_tokens(self, names: Sequence[str] = FINETUNE_TOKENS) -> Tokenizer:
+        """This tokenizer with `names` as new ids after its vocabulary, as GPT-1 appended
+        its three fine-tuning tokens to 40,478 ids; the model's embedding grows to match."""
+        if set(names) & set(self.special_ids) or len(set(names)) != len(names):
+            raise ValueError(f"special tokens {list(names)}: each must be new, "
+                             f"not one of {list(self.special_ids)} nor repeated")
+        added = {name: self.vocab_size + i for i, name in enumerate(names)}
+        name_of = {i: name for name, i in added.items()}
+        base = self.decode_fn
+
+        def decode_fn(ids: list[int]) -> str:
+            """Decodes each run between added ids with the base tokenizer, which lacks them."""
+            parts, run = [], []
+            for i in ids:
+                if i in name_of:
+                    parts += [base(run), name_of[i]]
+                    run = []
+                else:
+                    run.append(i)
+            return "".join(parts) + base(run)
+
+        return dataclasses.replace(self, vocab_size=self.vocab_size + len(names),
+                                   decode_fn=decode_fn, special_ids={**self.special_ids, **added})
 
 
 def _decode_bytes(ids: list[int]) -> str:
@@ -139,7 +173,7 @@ def _train_bpe(texts: Iterable[str], merges: int) -> hf_tokenizers.Tokenizer:
 
 def bpe_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
     """A GPT-1-style BPE learned on the train split of `data.name`, cached under data_dir."""
-    name = f"{data_cfg.name}-bpe{data_cfg.bpe_merges}"
+    name = f"{corpus.corpus_id(data_cfg)}-bpe{data_cfg.bpe_merges}"
     path = os.path.join(corpus.data_dir(data_cfg), "tokenizers", f"{name}.json")
     if os.path.exists(path):
         tok = hf_tokenizers.Tokenizer.from_file(path)
