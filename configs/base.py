@@ -12,7 +12,8 @@ def get_base_config() -> ml_collections.ConfigDict:
         {f.name: f.default for f in dataclasses.fields(GPTConfig)})
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "pydoc"  # offline default corpus: CPython's own documentation text
+    c.data.name = "pydoc"  # pydoc (offline default: CPython's documentation) | text:PATH | a TFDS name
+    c.data.text_feature = ""  # TFDS datasets: the feature holding the text; "" = detect
     c.data.tokenizer = "bytes"  # bytes | gpt2 | bpe
     c.data.bpe_merges = 40000  # bpe only: merges learned on the corpus (GPT-1 used 40,000)
     c.data.data_dir = ""  # "" = ./data
