@@ -1,0 +1,168 @@
+"""Language-model evaluation as the papers report it: perplexity and bits per byte of a
+text with a sliding window, and GPT-2's zero-shot LAMBADA.
+
+Every text is scored as the model met documents in training: after an end-of-text
+token, which is context only, never a target. The texts come in as any iterable of
+strings, so where they come from (TFDS, a file, a test's list) is the caller's business.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt.data import Tokenizer
+from gpt.model import GPT
+
+MIN_BUCKET = 16
+
+
+def sliding_windows(n_targets: int, context_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (begin, end, scored_from) over the predictions at positions 0..n_targets-1
+    (position i reads tokens[:i+1] and predicts tokens[i+1]).
+
+    A window reads positions [begin, end), at most `context_len` of them, and scores
+    [scored_from, end): the ones no earlier window scored. Windows start every `stride`
+    positions, so each prediction is scored exactly once, with at least
+    context_len - stride tokens of context once past the first window (stride 1: the
+    whole context every time; stride = context_len: disjoint windows), as in Hugging
+    Face's perplexity guide.
+    """
+    if not 1 <= stride <= context_len:
+        raise ValueError(f"stride={stride} is not allowed: in [1, context length {context_len}]"
+                         " (a larger one would skip tokens)")
+    windows, scored_to = [], 0
+    for begin in range(0, n_targets, stride):
+        end = min(begin + context_len, n_targets)
+        windows.append((begin, end, scored_to))
+        scored_to = end
+        if end == n_targets:
+            break
+    return windows
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _token_scores(model: GPT, params, inputs_BxT, targets_BxT):
+    logits_BxTxV = model.apply({"params": params}, inputs_BxT)
+    target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    logp_BxT = target_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    return logp_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+
+
+def _bucket(length: int, context_len: int) -> int:
+    """Pads batches to a power of two (one compilation per bucket, not per length)."""
+    return min(context_len, max(MIN_BUCKET, 1 << (length - 1).bit_length()))
+
+
+Progress = Callable[[int, int], None]  # (rows scored, rows): lets a program show progress
+
+
+def score(model: GPT, params, rows: Sequence[tuple[Sequence[int], int]], *,
+          batch_tokens: int = 4096, progress: Progress | None = None
+          ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each row (tokens, n): the model reads tokens[:-1] in one pass, and the last n
+    tokens are scored. Returns per row their log-probabilities (float64) and whether each
+    was the model's argmax given the true tokens before it (teacher forcing: all n are
+    argmax exactly when greedy decoding would produce all n).
+
+    Rows are sorted by length and batched about `batch_tokens` tokens at a time.
+    """
+    context_len = model.cfg.max_len
+    for tokens, n in rows:
+        if not 1 <= n < len(tokens) or len(tokens) - 1 > context_len:
+            raise ValueError(f"a row of {len(tokens)} tokens scoring {n} does not fit: at most "
+                             f"{context_len + 1} tokens and at least one before the scored ones")
+    results: list = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    start = 0
+    while start < len(order):
+        T = _bucket(len(rows[order[start]][0]) - 1, context_len)
+        B = max(1, batch_tokens // T)
+        batch = [i for i in order[start:start + B] if len(rows[i][0]) - 1 <= T]
+        start += len(batch)
+        inputs_BxT = np.zeros((B, T), np.int32)  # short batches are padded with empty rows
+        targets_BxT = np.zeros((B, T), np.int32)
+        for b, i in enumerate(batch):
+            tokens = np.asarray(rows[i][0])
+            inputs_BxT[b, :len(tokens) - 1] = tokens[:-1]
+            targets_BxT[b, :len(tokens) - 1] = tokens[1:]
+        logp_BxT, correct_BxT = jax.device_get(_token_scores(model, params, inputs_BxT, targets_BxT))
+        for b, i in enumerate(batch):
+            tokens, n = rows[i]
+            scored = slice(len(tokens) - 1 - n, len(tokens) - 1)
+            results[i] = (logp_BxT[b, scored].astype(np.float64), correct_BxT[b, scored])
+        if progress:
+            progress(start, len(rows))
+    return results
+
+
+def perplexity(model: GPT, params, tokenizer: Tokenizer, texts: Iterable[str], *,
+               context_len: int | None = None, stride: int | None = None,
+               batch_tokens: int = 4096, progress: Progress | None = None) -> dict:
+    """Loss (nats/token), perplexity and bits per byte over the texts' tokens, each text
+    scored on its own with `sliding_windows` (stride defaults to the context: disjoint
+    windows). Bits per byte = total nats / ln 2 / UTF-8 bytes of the texts, comparable
+    across tokenizers."""
+    context_len = context_len or model.cfg.max_len
+    if not 1 <= context_len <= model.cfg.max_len:
+        raise ValueError(f"context_len={context_len} is not allowed: in [1, model.max_len="
+                         f"{model.cfg.max_len}]")
+    stride = stride or context_len
+    rows, n_bytes = [], 0
+    for text in texts:
+        tokens = np.concatenate([[tokenizer.eot_id], tokenizer.encode(text)])
+        n_bytes += len(text.encode("utf-8"))
+        for begin, end, scored_from in sliding_windows(len(tokens) - 1, context_len, stride):
+            rows.append((tokens[begin:end + 1], end - scored_from))
+    if not rows:
+        raise ValueError("no tokens to score: the texts are empty")
+    logp = np.concatenate([lp for lp, _ in score(model, params, rows, batch_tokens=batch_tokens, progress=progress)])
+    loss = -logp.sum() / len(logp)
+    return {"loss": float(loss), "perplexity": float(math.exp(loss)),
+            "bits_per_byte": float(-logp.sum() / math.log(2) / n_bytes),
+            "tokens": int(len(logp)), "bytes": int(n_bytes),
+            "context_len": int(context_len), "stride": int(stride)}
+
+
+def split_last_word(passage: str) -> tuple[str, str]:
+    """LAMBADA's target is the passage's last word: (context, " " + word), split at the
+    last space as OpenAI's and lm-evaluation-harness's lambada_openai do."""
+    context, space, word = passage.strip().rpartition(" ")
+    if not space or not context or not word:
+        raise ValueError(f"a LAMBADA passage needs a context and a last word: {passage[:80]!r}")
+    return context, " " + word
+
+
+def last_word_metrics(model: GPT, params, examples: Sequence[tuple[Sequence[int], Sequence[int]]],
+                      *, batch_tokens: int = 4096, progress: Progress | None = None) -> dict:
+    """For (context tokens, target tokens) pairs: accuracy (every target token is the
+    greedy prediction), last-token accuracy (only the final one: what OpenAI's numbers
+    appear to count), and perplexity of the target word, exp(mean over examples of its
+    total nats), lm-evaluation-harness's per-word perplexity. Contexts longer than the
+    model's window lose their oldest tokens."""
+    window = model.cfg.max_len + 1
+    rows = [((list(context) + list(target))[-window:], len(target)) for context, target in examples]
+    if not rows:
+        raise ValueError("no LAMBADA passages to score")
+    scores = score(model, params, rows, batch_tokens=batch_tokens, progress=progress)
+    nats = np.array([-lp.sum() for lp, _ in scores])
+    return {"accuracy": float(np.mean([c.all() for _, c in scores])),
+            "last_token_accuracy": float(np.mean([c[-1] for _, c in scores])),
+            "perplexity": float(math.exp(nats.mean())),
+            "examples": len(rows), "target_tokens": int(sum(n for _, n in rows))}
+
+
+def lambada(model: GPT, params, tokenizer: Tokenizer, passages: Iterable[str], *,
+            batch_tokens: int = 4096, progress: Progress | None = None) -> dict:
+    """GPT-2's zero-shot LAMBADA on `passages` (each ending with its target word): the
+    context after an end-of-text token, the target " word" tokenized on its own."""
+    examples = []
+    for passage in passages:
+        context, target = split_last_word(passage)
+        examples.append(([tokenizer.eot_id, *tokenizer.encode(context)], tokenizer.encode(target)))
+    return last_word_metrics(model, params, examples, batch_tokens=batch_tokens,
+                             progress=progress)
