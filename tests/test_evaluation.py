@@ -1,0 +1,195 @@
+"""Perplexity, bits per byte and LAMBADA against the same quantities computed one token at a
+time with the plain forward pass; the sample and evaluate programs on a tiny trained run."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt import evaluation
+from gpt.data import tokenizers
+from gpt.model import GPT, GPTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = GPTConfig(vocab_size=257, max_len=16, n_layer=2, d_model=32, n_head=4, d_ff=64,
+                 embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+BYTES = tokenizers.bytes_tokenizer()
+TEXTS = ["Nested functions see the names of the enclosing scope, read-only.",
+         "Café: 4 bytes for 3 characters.", "", "x"]
+BATCH_TOKENS = 64  # the same batch shape in every test: one compilation
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random model drawn by NumPy (compiling JAX's RNG is slow on CPU)."""
+    rng = np.random.default_rng(0)
+    shapes = jax.eval_shape(GPT(TINY).init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype),
+                                    shapes["params"])
+    return GPT(TINY), params
+
+
+def _last_logits(model, params, contexts):
+    """The plain forward pass's logits after each context (right-padded to the window:
+    causal, so the padding is unseen), in float64. Rows are padded to 128: one compilation."""
+    inputs = np.zeros((-(-len(contexts) // 128) * 128, TINY.max_len), np.int32)
+    for i, context in enumerate(contexts):
+        inputs[i, :len(context)] = context
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, inputs), np.float64)
+    return logits[np.arange(len(contexts)), [len(c) - 1 for c in contexts]]
+
+
+def _log_probs(model, params, contexts, targets):
+    """log p(target | context), one context per row, and whether target is the argmax."""
+    logits = _last_logits(model, params, contexts)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    rows = np.arange(len(targets))
+    return logp[rows, targets], logits.argmax(-1) == np.asarray(targets)
+
+
+@pytest.mark.parametrize("n, context, stride", [
+    (0, 4, 4), (3, 4, 4), (4, 4, 4), (5, 4, 4), (37, 8, 8), (37, 8, 3), (37, 8, 1), (9, 9, 2)])
+def test_sliding_windows_score_every_prediction_once(n, context, stride):
+    windows = evaluation.sliding_windows(n, context, stride)
+    scored = [p for _, end, first in windows for p in range(first, end)]
+    assert scored == list(range(n))
+    for begin, end, first in windows:
+        assert begin <= first < end and end - begin <= context
+        assert begin % stride == 0
+    if stride == 1:  # every prediction sees the whole window, or everything before it
+        for begin, end, first in windows:
+            assert all(p - begin + 1 == min(p + 1, context) for p in range(first, end))
+
+
+def test_sliding_windows_reject_a_stride_that_skips():
+    with pytest.raises(ValueError, match="stride"):
+        evaluation.sliding_windows(10, 4, 5)
+
+
+@pytest.mark.parametrize("stride", [None, 5, 1])
+def test_perplexity_is_the_per_token_loop(tiny, stride):
+    """Disjoint windows: position p reads from (p // C) * C; stride 1: the last C tokens.
+    Stride 5 is checked against the window rule: from the start of its scoring window."""
+    model, params = tiny
+    C = TINY.max_len
+    contexts, targets, n_bytes = [], [], 0
+    for text in TEXTS:
+        tokens = [BYTES.eot_id, *BYTES.encode(text).tolist()]
+        n_bytes += len(text.encode("utf-8"))
+        begins = {p: b for b, e, f in evaluation.sliding_windows(len(tokens) - 1, C, stride or C)
+                  for p in range(f, e)}
+        for p in range(len(tokens) - 1):
+            begin = {None: p // C * C, 1: max(0, p - C + 1)}.get(stride, begins[p])
+            contexts.append(tokens[begin:p + 1])
+            targets.append(tokens[p + 1])
+    logp, _ = _log_probs(model, params, contexts, targets)
+    result = evaluation.perplexity(model, params, BYTES, TEXTS, stride=stride,
+                                   batch_tokens=BATCH_TOKENS)
+    assert result["tokens"] == len(targets) == n_bytes  # bytes: one token per byte
+    assert result["bytes"] == n_bytes
+    np.testing.assert_allclose(result["loss"], -logp.mean(), rtol=1e-5)
+    np.testing.assert_allclose(result["perplexity"], math.exp(-logp.mean()), rtol=1e-5)
+    np.testing.assert_allclose(result["bits_per_byte"], -logp.sum() / math.log(2) / n_bytes, rtol=1e-5)
+
+
+def test_split_last_word():
+    assert evaluation.split_last_word("he said , `` go home '' to jack\n") == (
+        "he said , `` go home '' to", " jack")
+    for bad in ("single", " ", ""):
+        with pytest.raises(ValueError, match="last word"):
+            evaluation.split_last_word(bad)
+
+
+def test_lambada_is_the_per_token_loop(tiny):
+    """Synthetic passages; the last is longer than the window and loses its oldest tokens."""
+    model, params = tiny
+    passages = ["the cat sat on the mat", "a b c d", "we went to the old mill and saw it\n",
+                "ab cd"]
+    rows = []
+    for passage in passages:
+        context, target = passage.strip().rsplit(" ", 1)
+        tokens = [BYTES.eot_id, *BYTES.encode(context).tolist(), *BYTES.encode(" " + target).tolist()]
+        tokens = tokens[-(TINY.max_len + 1):]
+        n = len(target) + 1
+        rows.append([(tokens[:len(tokens) - n + i], tokens[len(tokens) - n + i]) for i in range(n)])
+    flat = [pair for row in rows for pair in row]
+    logp, correct = _log_probs(model, params, [c for c, _ in flat], [t for _, t in flat])
+    splits = np.cumsum([len(row) for row in rows])[:-1]
+    nats = [-lp.sum() for lp in np.split(logp, splits)]
+    hits = np.split(correct, splits)
+    result = evaluation.lambada(model, params, BYTES, passages, batch_tokens=BATCH_TOKENS)
+    assert result["examples"] == 4 and result["target_tokens"] == len(flat)
+    np.testing.assert_allclose(result["perplexity"], math.exp(np.mean(nats)), rtol=1e-5)
+    assert result["accuracy"] == np.mean([h.all() for h in hits])
+    assert result["last_token_accuracy"] == np.mean([h[-1] for h in hits])
+
+
+def test_last_word_accuracy_needs_every_token(tiny):
+    """Targets built from the model's own greedy continuation are right; change the last
+    token and the word is wrong, both by word and by last token."""
+    model, params = tiny
+    context = BYTES.encode("for x in").tolist()
+    greedy = []
+    for _ in range(3):
+        greedy.append(int(_last_logits(model, params, [context + greedy])[0].argmax()))
+    wrong_last = greedy[:2] + [(greedy[2] + 1) % TINY.vocab_size]
+    result = evaluation.last_word_metrics(
+        model, params, [(context, greedy), (context, wrong_last), (context + greedy[:2], greedy[2:])],
+        batch_tokens=BATCH_TOKENS)
+    assert result["accuracy"] == pytest.approx(2 / 3)
+    assert result["last_token_accuracy"] == pytest.approx(2 / 3)
+
+
+# ---- both programs on a tiny trained run ------------------------------------------------
+
+def run(module, *args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    result = run("experiments.train", "--config=configs/gpt2.py:tiny", f"--workdir={workdir}",
+                 f"--config.data.data_dir={tmp_path_factory.mktemp('data')}",
+                 "--config.model.n_layer=1", "--config.model.d_model=32", "--config.model.n_head=2",
+                 "--config.model.d_ff=64", "--config.model.max_len=32", "--config.data.seq_len=32",
+                 "--config.data.batch_size=8", "--config.train.steps=2",
+                 "--config.train.log_every=1", "--config.train.eval_every=2",
+                 "--config.train.ckpt_every=2", "--config.train.eval_steps=1",
+                 "--config.train.peak_flops=1e12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_sample_program_streams_a_continuation(trained):
+    result = run("experiments.sample", f"--workdir={trained}", "--prompt=def f",
+                 "--max_new_tokens=12", "--temperature=0", "--chunk=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("def f") and len(result.stdout) > len("def f\n")
+
+
+def test_evaluate_program_writes_metrics(trained, tmp_path):
+    result = run("experiments.evaluate", f"--workdir={trained}", "--limit=3", "--stride=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout)
+    assert metrics == json.load(open(os.path.join(trained, "eval_pydoc_validation.json")))
+    assert metrics["tokens"] == metrics["bytes"] > 0 and metrics["stride"] == 16
+    assert math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-9)
+    assert math.isclose(metrics["bits_per_byte"], metrics["loss"] / math.log(2), rel_tol=1e-9)
+
+    passages = tmp_path / "lambada_test.jsonl"  # OpenAI's format: one {"text": ...} a line
+    passages.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a cat sat", "x y"]))
+    result = run("experiments.evaluate", f"--workdir={trained}", "--task=lambada",
+                 f"--dataset={passages}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout)
+    assert metrics["examples"] == 2 and metrics["target_tokens"] == len(" sat") + len(" y")
+    assert os.path.exists(os.path.join(trained, "eval_lambada_lambada_test.json"))
