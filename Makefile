@@ -23,6 +23,8 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(PY) -m experiments.train --config=configs/gpt1.py:tiny --workdir=$(DEMO_DIR)
+	$(PY) -m experiments.sample --workdir=$(DEMO_DIR) --prompt="The with statement" \
+		--max_new_tokens=100 --temperature=0.8 --top_k=40
 
 # Runs a sweep and its report (default: pre- vs post-LN, ~15 min on 2 CPU cores); rerun to resume.
 SWEEP ?= configs/sweeps/norm_placement.py:tiny
