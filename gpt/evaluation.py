@@ -158,8 +158,23 @@ def last_word_metrics(model: GPT, params, examples: Sequence[tuple[Sequence[int]
 
 def lambada(model: GPT, params, tokenizer: Tokenizer, passages: Iterable[str], *,
             batch_tokens: int = 4096, progress: Progress | None = None) -> dict:
-    """GPT-2's zero-shot LAMBADA on `passages` (each ending with its target word): the
-    context after an end-of-text token, the target " word" tokenized on its own."""
+    """GPT-2's zero-shot LAMBADA on `passages`, each ending with its target word.
+
+    The protocol, and where it comes from (GPT-2's paper gives no code for it):
+    - Target: the last space-separated word; context: the text before that space, after
+      an end-of-text token; " word" is tokenized on its own (lm-evaluation-harness,
+      lambada_openai). The harness does not prefix GPT-2's contexts with end-of-text;
+      we do, as every document began in training.
+    - accuracy needs every token of the word (lm-evaluation-harness's acc);
+      last_token_accuracy counts only its final token, which is what OpenAI's 45.99%
+      (small) appears to count (openai/gpt-2#131, lm-evaluation-harness#356): an easier task.
+    - perplexity is per word: exp(mean nats of the whole target word).
+    - No stop-word filter: the paper used one for its best result (63.24%, xl) without
+      publishing it.
+    - Text: OpenAI scored its own detokenized copy of the 5,153 test passages
+      (lambada_test.jsonl, the harness's lambada_openai); TFDS `lambada` is the original
+      release, lower-cased and tokenized ("`` no , '' he said"), on which GPT-2 scores lower.
+    """
     examples = []
     for passage in passages:
         context, target = split_last_word(passage)
