@@ -26,7 +26,7 @@ demo: setup
 	$(PY) -m experiments.sample --workdir=$(DEMO_DIR) --prompt="The with statement" \
 		--max_new_tokens=100 --temperature=0.8 --top_k=40
 
-# Runs a sweep and its report (default: pre- vs post-LN, ~15 min on 2 CPU cores); rerun to resume.
+# Runs a sweep and its report (default: pre- vs post-LN, 15-30 min on 2 CPU cores); rerun to resume.
 SWEEP ?= configs/sweeps/norm_placement.py:tiny
 SWEEP_DIR ?= runs/norm_placement_tiny
 sweep: setup

@@ -4,10 +4,12 @@ input of each sub-block (plus a final LN), and why GPT-1's post-LN needed its wa
 
 python -m experiments.sweep --config=configs/sweeps/norm_placement.py:tiny --workdir=runs/norm_placement_tiny
 
-`:tiny` is 8 runs of 300 steps on CPython's documentation bytes, d_model 128: about 15 minutes
-on 2 CPU cores. lr 1e-3 rather than GPT-2 tiny's 3e-3, at which post-LN stalls at the unigram
-level even with warmup, so that warmup and depth decide the outcome. The default is GPT-2
-small's shapes and optimiser for an accelerator.
+`:tiny` is 8 runs of 300 steps on CPython's documentation bytes, d_model 128: 15 to 30 minutes
+on 2 CPU cores (28 measured while other jobs shared them; the 6-layer runs take 3/4 of it).
+Its lr is GPT-1 tiny's 1e-3 rather than GPT-2 tiny's 3e-3, at which post-LN with 30 warmup
+steps stalls at the unigram level; at 1e-3 depth and warmup decide the outcome. The default
+is GPT-2 small's shapes and optimiser for an accelerator, 1.3B tokens a run: on the small
+default corpus that is many epochs, so add a larger corpus (data.name) to `overrides`.
 """
 import ml_collections
 
