@@ -86,12 +86,12 @@ def evaluate(workdir: str) -> dict:
         bar = bar or tqdm(total=total, unit="row", dynamic_ncols=True, leave=False)
         bar.update(done - bar.n)
 
-    kwargs = dict(batch_tokens=_BATCH_TOKENS.value, progress=progress)
+    kwargs = dict(context_len=min(config.data.seq_len, model.cfg.max_len),  # positions it trained
+                  batch_tokens=_BATCH_TOKENS.value, progress=progress)
     if task == "lambada":
         metrics = evaluation.lambada(model, params, tokenizer, items, **kwargs)
     else:
-        context_len = min(config.data.seq_len, model.cfg.max_len)  # the positions it trained
-        metrics = evaluation.perplexity(model, params, tokenizer, items, context_len=context_len,
+        metrics = evaluation.perplexity(model, params, tokenizer, items,
                                         stride=_STRIDE.value or None, **kwargs)
     if bar:
         bar.close()

@@ -100,6 +100,14 @@ def score(model: GPT, params, rows: Sequence[tuple[Sequence[int], int]], *,
     return results
 
 
+def _context_len(model: GPT, context_len: int | None) -> int:
+    context_len = context_len or model.cfg.max_len
+    if not 1 <= context_len <= model.cfg.max_len:
+        raise ValueError(f"context_len={context_len} is not allowed: in [1, model.max_len="
+                         f"{model.cfg.max_len}]")
+    return context_len
+
+
 def perplexity(model: GPT, params, tokenizer: Tokenizer, texts: Iterable[str], *,
                context_len: int | None = None, stride: int | None = None,
                batch_tokens: int = 4096, progress: Progress | None = None) -> dict:
@@ -107,10 +115,7 @@ def perplexity(model: GPT, params, tokenizer: Tokenizer, texts: Iterable[str], *
     scored on its own with `sliding_windows` (stride defaults to the context: disjoint
     windows). Bits per byte = total nats / ln 2 / UTF-8 bytes of the texts, comparable
     across tokenizers."""
-    context_len = context_len or model.cfg.max_len
-    if not 1 <= context_len <= model.cfg.max_len:
-        raise ValueError(f"context_len={context_len} is not allowed: in [1, model.max_len="
-                         f"{model.cfg.max_len}]")
+    context_len = _context_len(model, context_len)
     stride = stride or context_len
     rows, n_bytes = [], 0
     for text in texts:
@@ -120,7 +125,8 @@ def perplexity(model: GPT, params, tokenizer: Tokenizer, texts: Iterable[str], *
             rows.append((tokens[begin:end + 1], end - scored_from))
     if not rows:
         raise ValueError("no tokens to score: the texts are empty")
-    logp = np.concatenate([lp for lp, _ in score(model, params, rows, batch_tokens=batch_tokens, progress=progress)])
+    scores = score(model, params, rows, batch_tokens=batch_tokens, progress=progress)
+    logp = np.concatenate([lp for lp, _ in scores])
     loss = -logp.sum() / len(logp)
     return {"loss": float(loss), "perplexity": float(math.exp(loss)),
             "bits_per_byte": float(-logp.sum() / math.log(2) / n_bytes),
@@ -138,13 +144,14 @@ def split_last_word(passage: str) -> tuple[str, str]:
 
 
 def last_word_metrics(model: GPT, params, examples: Sequence[tuple[Sequence[int], Sequence[int]]],
-                      *, batch_tokens: int = 4096, progress: Progress | None = None) -> dict:
+                      *, context_len: int | None = None, batch_tokens: int = 4096,
+                      progress: Progress | None = None) -> dict:
     """For (context tokens, target tokens) pairs: accuracy (every target token is the
     greedy prediction), last-token accuracy (only the final one: what OpenAI's numbers
     appear to count), and perplexity of the target word, exp(mean over examples of its
     total nats), lm-evaluation-harness's per-word perplexity. Contexts longer than the
-    model's window lose their oldest tokens."""
-    window = model.cfg.max_len + 1
+    window (default: the model's max_len) lose their oldest tokens."""
+    window = _context_len(model, context_len) + 1
     rows = [((list(context) + list(target))[-window:], len(target)) for context, target in examples]
     if not rows:
         raise ValueError("no LAMBADA passages to score")
@@ -157,7 +164,8 @@ def last_word_metrics(model: GPT, params, examples: Sequence[tuple[Sequence[int]
 
 
 def lambada(model: GPT, params, tokenizer: Tokenizer, passages: Iterable[str], *,
-            batch_tokens: int = 4096, progress: Progress | None = None) -> dict:
+            context_len: int | None = None, batch_tokens: int = 4096,
+            progress: Progress | None = None) -> dict:
     """GPT-2's zero-shot LAMBADA on `passages`, each ending with its target word.
 
     The protocol, and where it comes from (GPT-2's paper gives no code for it):
@@ -179,5 +187,5 @@ def lambada(model: GPT, params, tokenizer: Tokenizer, passages: Iterable[str], *
     for passage in passages:
         context, target = split_last_word(passage)
         examples.append(([tokenizer.eot_id, *tokenizer.encode(context)], tokenizer.encode(target)))
-    return last_word_metrics(model, params, examples, batch_tokens=batch_tokens,
-                             progress=progress)
+    return last_word_metrics(model, params, examples, context_len=context_len,
+                             batch_tokens=batch_tokens, progress=progress)

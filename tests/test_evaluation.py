@@ -106,8 +106,9 @@ def test_split_last_word():
             evaluation.split_last_word(bad)
 
 
-def test_lambada_is_the_per_token_loop(tiny):
-    """Synthetic passages; the last is longer than the window and loses its oldest tokens."""
+@pytest.mark.parametrize("context_len", [None, 8])
+def test_lambada_is_the_per_token_loop(tiny, context_len):
+    """Synthetic passages; the longer ones lose their oldest tokens to the window."""
     model, params = tiny
     passages = ["the cat sat on the mat", "a b c d", "we went to the old mill and saw it\n",
                 "ab cd"]
@@ -115,7 +116,7 @@ def test_lambada_is_the_per_token_loop(tiny):
     for passage in passages:
         context, target = passage.strip().rsplit(" ", 1)
         tokens = [BYTES.eot_id, *BYTES.encode(context).tolist(), *BYTES.encode(" " + target).tolist()]
-        tokens = tokens[-(TINY.max_len + 1):]
+        tokens = tokens[-((context_len or TINY.max_len) + 1):]
         n = len(target) + 1
         rows.append([(tokens[:len(tokens) - n + i], tokens[len(tokens) - n + i]) for i in range(n)])
     flat = [pair for row in rows for pair in row]
@@ -123,7 +124,8 @@ def test_lambada_is_the_per_token_loop(tiny):
     splits = np.cumsum([len(row) for row in rows])[:-1]
     nats = [-lp.sum() for lp in np.split(logp, splits)]
     hits = np.split(correct, splits)
-    result = evaluation.lambada(model, params, BYTES, passages, batch_tokens=BATCH_TOKENS)
+    result = evaluation.lambada(model, params, BYTES, passages, context_len=context_len,
+                                batch_tokens=BATCH_TOKENS)
     assert result["examples"] == 4 and result["target_tokens"] == len(flat)
     np.testing.assert_allclose(result["perplexity"], math.exp(np.mean(nats)), rtol=1e-5)
     assert result["accuracy"] == np.mean([h.all() for h in hits])
@@ -148,48 +150,54 @@ def test_last_word_accuracy_needs_every_token(tiny):
 
 # ---- both programs on a tiny trained run ------------------------------------------------
 
-def run(module, *args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+def start(module, *args):
+    """A program in a subprocess; XLA's backend optimisations off: they cost more compile
+    time than these tiny runs take."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process):
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    return stdout
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    result = run("experiments.train", "--config=configs/gpt2.py:tiny", f"--workdir={workdir}",
+    finish(start("experiments.train", "--config=configs/gpt2.py:tiny", f"--workdir={workdir}",
                  f"--config.data.data_dir={tmp_path_factory.mktemp('data')}",
                  "--config.model.n_layer=1", "--config.model.d_model=32", "--config.model.n_head=2",
                  "--config.model.d_ff=64", "--config.model.max_len=32", "--config.data.seq_len=32",
                  "--config.data.batch_size=8", "--config.train.steps=2",
                  "--config.train.log_every=1", "--config.train.eval_every=2",
                  "--config.train.ckpt_every=2", "--config.train.eval_steps=1",
-                 "--config.train.peak_flops=1e12")
-    assert result.returncode == 0, result.stderr[-3000:]
+                 "--config.train.peak_flops=1e12"))
     return workdir
 
 
-def test_sample_program_streams_a_continuation(trained):
-    result = run("experiments.sample", f"--workdir={trained}", "--prompt=def f",
-                 "--max_new_tokens=12", "--temperature=0", "--chunk=5")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.startswith("def f") and len(result.stdout) > len("def f\n")
+def test_sample_and_evaluate_programs(trained, tmp_path):
+    """The three runs in parallel: each is mostly start-up and compilation."""
+    passages = tmp_path / "lambada_test.jsonl"  # OpenAI's format: one {"text": ...} a line
+    passages.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a cat sat", "x y"]))
+    sample = start("experiments.sample", f"--workdir={trained}", "--prompt=def f",
+                   "--max_new_tokens=12", "--temperature=0", "--chunk=5")
+    perplexity = start("experiments.evaluate", f"--workdir={trained}", "--limit=3", "--stride=16")
+    lambada = start("experiments.evaluate", f"--workdir={trained}", "--task=lambada",
+                    f"--dataset={passages}")
 
+    text = finish(sample)
+    assert text.startswith("def f") and len(text) > len("def f\n")
 
-def test_evaluate_program_writes_metrics(trained, tmp_path):
-    result = run("experiments.evaluate", f"--workdir={trained}", "--limit=3", "--stride=16")
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads(result.stdout)
+    metrics = json.loads(finish(perplexity))
     assert metrics == json.load(open(os.path.join(trained, "eval_pydoc_validation.json")))
     assert metrics["tokens"] == metrics["bytes"] > 0 and metrics["stride"] == 16
     assert math.isclose(metrics["perplexity"], math.exp(metrics["loss"]), rel_tol=1e-9)
     assert math.isclose(metrics["bits_per_byte"], metrics["loss"] / math.log(2), rel_tol=1e-9)
 
-    passages = tmp_path / "lambada_test.jsonl"  # OpenAI's format: one {"text": ...} a line
-    passages.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a cat sat", "x y"]))
-    result = run("experiments.evaluate", f"--workdir={trained}", "--task=lambada",
-                 f"--dataset={passages}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    metrics = json.loads(result.stdout)
+    metrics = json.loads(finish(lambada))
     assert metrics["examples"] == 2 and metrics["target_tokens"] == len(" sat") + len(" y")
     assert os.path.exists(os.path.join(trained, "eval_lambada_lambada_test.json"))
