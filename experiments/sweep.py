@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from experiments import common
 from gpt import sweeps
-from gpt.configuration import validate
+from gpt.configuration import resume_changes, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file[:arg] (configs/sweeps/).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs (one per subdirectory) and the report.")
@@ -112,8 +112,24 @@ def _status(run: sweeps.Run, config, workdir: str) -> str:
     return sweeps.progress(_metrics(workdir, run), steps)
 
 
+def _check_unchanged(run: sweeps.Run, config, workdir: str) -> None:
+    """experiments.train refuses to resume a run whose config changed in a way its checkpoints
+    cannot take; a finished run is skipped without launching it, so the sweep applies the same
+    rule first, rather than report results of a config it no longer has."""
+    ran_with = _resolved_config(workdir, run)
+    if ran_with:
+        unsafe, _ = resume_changes(ran_with, json.loads(json.dumps(config.to_dict())))
+        unsafe = {k: v for k, v in unsafe.items() if v[0] is not None}  # None: a key added since it ran
+        if unsafe:
+            key, (old, new) = next(iter(unsafe.items()))
+            raise ValueError(f"run {run.name}: {os.path.join(workdir, run.name)} was made with "
+                             f"{key}={old!r}, the sweep now gives {new!r}; remove it or use a new --workdir")
+
+
 def run_sweep(plans, workdir: str) -> list[str]:
     """Trains each (run, command, config) not yet finished; returns the names of runs that crashed."""
+    for run, _, config in plans:
+        _check_unchanged(run, config, workdir)
     crashed = []
     for k, (run, args, config) in enumerate(plans, 1):
         head = f"[{k}/{len(plans)}] {run.name}"

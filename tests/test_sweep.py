@@ -107,19 +107,23 @@ def test_shipped_sweeps_are_valid(tmp_path, spec, n):
     assert not os.listdir(tmp_path)
 
 
+def write_sweep(path, overrides):
+    path.write_text(
+        "import ml_collections\n\n\ndef get_config():\n"
+        "    c = ml_collections.ConfigDict()\n"
+        "    c.base = 'configs/gpt2.py:tiny'\n"
+        f"    c.overrides = {overrides!r}\n"
+        "    c.product = (('optim.lr', (1e-3, 1e4)), ('model.norm_position', ('pre', 'post')))\n"
+        "    return c\n")
+
+
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory):
     """The 4-run sweep, in stages: one run by hand from --dry_run's command, the post-LN runs
     with --only, an interruption of one of them, then the whole sweep."""
     tmp = tmp_path_factory.mktemp("sweep")
     spec = tmp / "tiny_sweep.py"
-    spec.write_text(
-        "import ml_collections\n\n\ndef get_config():\n"
-        "    c = ml_collections.ConfigDict()\n"
-        "    c.base = 'configs/gpt2.py:tiny'\n"
-        f"    c.overrides = {(('data.data_dir', str(tmp / 'data')),) + TINY!r}\n"
-        "    c.product = (('optim.lr', (1e-3, 1e4)), ('model.norm_position', ('pre', 'post')))\n"
-        "    return c\n")
+    write_sweep(spec, (("data.data_dir", str(tmp / "data")),) + TINY)
     workdir = str(tmp / "w")
     args = [f"--config={spec}", f"--workdir={workdir}"]
     stages = {"dry_run": run("experiments.sweep", *args, "--dry_run")}
@@ -207,6 +211,17 @@ def test_report_agrees_with_the_runs_metrics(swept):
     again = run("experiments.sweep", *args, "--report_only")
     assert again.returncode == 0 and "report of 4 of 4 runs" in again.stdout, again.stderr
     assert [row["run"] for row in csv.DictReader(open(os.path.join(workdir, "report.csv")))] == NAMES
+
+
+def test_a_changed_config_is_refused_not_reported_as_done(swept, tmp_path):
+    workdir, args, _, _ = swept
+    data_dir = json.load(open(os.path.join(workdir, NAMES[0], "config.json")))["data"]["data_dir"]
+    spec = tmp_path / "wider.py"
+    write_sweep(spec, (("data.data_dir", data_dir),) + tuple((k, 128 if k == "model.d_ff" else v) for k, v in TINY))
+    result = run("experiments.sweep", f"--config={spec}", args[1])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "model.d_ff=64, the sweep now gives 128; remove it or use a new --workdir" in lines[0]
 
 
 def test_a_bad_run_config_stops_the_sweep_before_any_run(tmp_path):
