@@ -56,7 +56,8 @@ RESUME_SAFE = (
     "train.parallelism", "train.mesh.data", "train.mesh.fsdp", "train.grad_accum_steps",
     "train.skip_nonfinite", "train.poison_step", "train.distributed", "train.num_processes",
     "train.process_id",
-    "model.embd_pdrop", "model.resid_pdrop", "model.attn_pdrop", "data.data_dir",
+    "model.embd_pdrop", "model.resid_pdrop", "model.attn_pdrop", "model.remat", "model.attention",
+    "data.data_dir",
     "optim.lr", "optim.end_lr", "optim.warmup_steps", "optim.schedule",
 )
 

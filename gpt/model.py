@@ -20,6 +20,12 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
 }
 DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = {  # what the backward pass may keep instead of recomputing
+    "none": None,  # no rematerialisation: keep everything
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+ATTENTIONS = ("xla", "dot_product")  # einsum + softmax | jax.nn.dot_product_attention (cuDNN on GPU)
 
 
 class ConfigError(ValueError):
@@ -52,6 +58,9 @@ class GPTConfig:
     scale_residual_init: bool = True  # GPT-2: residual projections get std / sqrt(2 * n_layer)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots: trade recomputation for activation memory
+    scan_layers: bool = False  # nn.scan over the blocks: compile time independent of depth
+    attention: str = "xla"  # xla | dot_product
 
     def __post_init__(self):
         for key in ("vocab_size", "max_len", "n_layer", "d_model", "n_head", "d_ff"):
@@ -73,6 +82,13 @@ class GPTConfig:
                 raise ConfigError(f"model.{key}", f"one of {', '.join(DTYPES)}", getattr(self, key))
         if not self.layer_norm_eps > 0:
             raise ConfigError("model.layer_norm_eps", "a positive number", self.layer_norm_eps)
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError("model.remat", f"one of {', '.join(REMAT_POLICIES)}", self.remat)
+        if self.attention not in ATTENTIONS:
+            raise ConfigError("model.attention", f"one of {', '.join(ATTENTIONS)}", self.attention)
+        if self.attention == "dot_product" and self.attn_pdrop > 0:
+            raise ConfigError("model.attention", "xla when model.attn_pdrop > 0 (the fused kernel "
+                              "has no attention dropout)", self.attention)
 
     @property
     def head_dim(self) -> int:
@@ -123,12 +139,17 @@ class CausalSelfAttention(nn.Module):
             v_BxSxHxK = cache[1].at[rows_Bx1, positions_BxT].set(v_BxSxHxK.astype(cache[1].dtype))
             slots_S = jnp.arange(k_BxSxHxK.shape[1])
             visible_BxTxS = slots_S[None, None, :] <= positions_BxT[:, :, None]
-        scores_BxHxTxS = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxSxHxK)
-        scores_BxHxTxS = scores_BxHxTxS.astype(jnp.float32) / math.sqrt(cfg.head_dim)
-        scores_BxHxTxS = jnp.where(visible_BxTxS[:, None], scores_BxHxTxS, jnp.finfo(jnp.float32).min)
-        probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(cfg.dtype)
-        probs_BxHxTxS = nn.Dropout(cfg.attn_pdrop)(probs_BxHxTxS, deterministic=deterministic)
-        out_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxTxS, v_BxSxHxK)
+        if cfg.attention == "dot_product":  # the backend's fused kernel where it has one
+            out_BxTxHxK = jax.nn.dot_product_attention(
+                q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, is_causal=cache is None,
+                mask=None if cache is None else visible_BxTxS[:, None])
+        else:
+            scores_BxHxTxS = jnp.einsum("bqhk,bshk->bhqs", q_BxTxHxK, k_BxSxHxK)
+            scores_BxHxTxS = scores_BxHxTxS.astype(jnp.float32) / math.sqrt(cfg.head_dim)
+            scores_BxHxTxS = jnp.where(visible_BxTxS[:, None], scores_BxHxTxS, jnp.finfo(jnp.float32).min)
+            probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1).astype(cfg.dtype)
+            probs_BxHxTxS = nn.Dropout(cfg.attn_pdrop)(probs_BxHxTxS, deterministic=deterministic)
+            out_BxTxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxTxS, v_BxSxHxK)
         out_BxTxD = _dense(cfg, cfg.d_model, "c_proj", cfg.residual_init_std)(
             out_BxTxHxK.reshape(B, T, cfg.d_model))
         out_BxTxD = nn.Dropout(cfg.resid_pdrop)(out_BxTxD, deterministic=deterministic)
@@ -173,8 +194,25 @@ def init_cache(cfg: GPTConfig, batch_size: int, length: int):
     """An empty KV cache for `GPT.decode`: per layer (k, v), each B x L x H x K, where slot
     l holds the keys and values of the token at position l. L <= max_len."""
     shape = (batch_size, length, cfg.n_head, cfg.head_dim)
+    if cfg.scan_layers:  # one (k, v) pair with a leading layer axis, scanned with the blocks
+        return (jnp.zeros((cfg.n_layer, *shape), cfg.dtype),) * 2
     return tuple((jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
                  for _ in range(cfg.n_layer))
+
+
+class _ScanStep(nn.Module):
+    """One block as a step of nn.scan: the residual stream is the carry; a layer's slice of
+    the stacked KV cache goes in and comes out."""
+
+    cfg: GPTConfig
+    block: Any  # Block, possibly wrapped in nn.remat
+
+    @nn.compact
+    def __call__(self, x_BxTxD, cache, positions_BxT, deterministic: bool):
+        block = self.block(self.cfg, name="block")
+        if cache is None:
+            return block(x_BxTxD, deterministic), None
+        return block(x_BxTxD, deterministic, cache, positions_BxT)
 
 
 class GPT(nn.Module):
@@ -190,7 +228,15 @@ class GPT(nn.Module):
         self.wte = embed(cfg.vocab_size, "wte")
         self.wpe = embed(cfg.max_len, "wpe")
         self.drop = nn.Dropout(cfg.embd_pdrop)
-        self.blocks = [Block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
+        block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], static_argnums=(2,)) \
+            if cfg.remat != "none" else Block
+        if cfg.scan_layers:  # parameters h/block/... with a leading layer axis
+            self.blocks = nn.scan(
+                _ScanStep, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layer,
+            )(cfg, block, name="h")
+        else:
+            self.blocks = [block(cfg, name=f"h_{i}") for i in range(cfg.n_layer)]
         self.ln_f = _layer_norm(cfg, "ln_f") if cfg.final_norm else None
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(
@@ -216,6 +262,9 @@ class GPT(nn.Module):
         """Embeddings, blocks and ln_f -> (h_BxTxD, the updated cache or None)."""
         x_BxTxD = self.wte(tokens_BxT) + self.wpe(positions_BxT)
         x_BxTxD = self.drop(x_BxTxD, deterministic=deterministic)
+        if self.cfg.scan_layers:
+            x_BxTxD, cache = self.blocks(x_BxTxD, cache, positions_BxT, deterministic)
+            return self._final(x_BxTxD), cache
         new_cache = []
         for i, block in enumerate(self.blocks):
             if cache is None:
@@ -223,8 +272,10 @@ class GPT(nn.Module):
             else:
                 x_BxTxD, layer_cache = block(x_BxTxD, deterministic, cache[i], positions_BxT)
                 new_cache.append(layer_cache)
-        h_BxTxD = self.ln_f(x_BxTxD) if self.ln_f is not None else x_BxTxD
-        return h_BxTxD, (None if cache is None else tuple(new_cache))
+        return self._final(x_BxTxD), (None if cache is None else tuple(new_cache))
+
+    def _final(self, x_BxTxD):
+        return self.ln_f(x_BxTxD) if self.ln_f is not None else x_BxTxD
 
     def logits(self, h_BxTxD):
         if self.cfg.tie_embeddings:
