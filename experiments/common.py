@@ -16,14 +16,14 @@ def _fail(message: str, hint: str = "") -> None:
     sys.exit(2)
 
 
-def _last_line(e: BaseException) -> str:
+def last_line(e: BaseException) -> str:
     """absl and ml_collections wrap the cause in several lines; the last one names it."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     last = lines[-1] if lines else type(e).__name__
     return last.removeprefix("ValueError: ")
 
 
-def _unknown_override(e: BaseException, argv) -> str:
+def unknown_override(e: BaseException, argv) -> str:
     key = str(e).strip("\"' ")
     for arg in argv:
         path = arg.split("=", 1)[0]
@@ -36,13 +36,14 @@ def run_program(main) -> None:
     """Parses flags and runs `main(argv)`. A user's mistake ends in one `error: ...` line and
     exit status 2; --verbose shows the traceback and the libraries' logs (orbax and tfds
     log every file they touch)."""
+    sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file or a sweep as it happens
     argv = sys.argv
     try:
         argv = flags.FLAGS(sys.argv)
     except (AttributeError, KeyError) as e:
-        _fail(_unknown_override(e, sys.argv))
+        _fail(unknown_override(e, sys.argv))
     except (flags.Error, ValueError, OSError) as e:
-        _fail(_last_line(e))
+        _fail(last_line(e))
     if not VERBOSE.value:
         logging.set_verbosity(logging.WARNING)
     try:
@@ -50,7 +51,7 @@ def run_program(main) -> None:
     except (ValueError, OSError) as e:
         if VERBOSE.value:
             traceback.print_exc()
-        _fail(_last_line(e), "" if VERBOSE.value else " (--verbose shows the traceback)")
+        _fail(last_line(e), "" if VERBOSE.value else " (--verbose shows the traceback)")
 
 
 def prepare_workdir(workdir: str) -> str:

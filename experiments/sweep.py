@@ -54,9 +54,9 @@ def run_config(run: sweeps.Run, args: list[str]):
         config = flag_values.config
         validate(config)
     except (AttributeError, KeyError) as e:
-        raise ValueError(f"run {run.name}: {common._unknown_override(e, argv)}") from None
+        raise ValueError(f"run {run.name}: {common.unknown_override(e, argv)}") from None
     except (flags.Error, ValueError) as e:
-        raise ValueError(f"run {run.name}: {common._last_line(e)}") from None
+        raise ValueError(f"run {run.name}: {common.last_line(e)}") from None
     return config
 
 
@@ -119,7 +119,6 @@ def _check_unchanged(run: sweeps.Run, config, workdir: str) -> None:
     ran_with = _resolved_config(workdir, run)
     if ran_with:
         unsafe, _ = resume_changes(ran_with, json.loads(json.dumps(config.to_dict())))
-        unsafe = {k: v for k, v in unsafe.items() if v[0] is not None}  # None: a key added since it ran
         if unsafe:
             key, (old, new) = next(iter(unsafe.items()))
             raise ValueError(f"run {run.name}: {os.path.join(workdir, run.name)} was made with "

@@ -74,8 +74,9 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def resume_changes(saved: dict, current: dict) -> tuple[dict, dict]:
     """Splits the differences between a checkpoint's config and the current one into
-    (unsafe, safe), each {key: (saved value, current value)}."""
+    (unsafe, safe), each {key: (saved value, current value)}. Keys that exist on one side
+    only were added to (or removed from) the code since the checkpoint: not a user's change."""
     old, new = _flatten(saved), _flatten(current)
-    changed = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    changed = {k: (old[k], new[k]) for k in sorted(old.keys() & new.keys()) if old[k] != new[k]}
     unsafe = {k: v for k, v in changed.items() if k not in RESUME_SAFE}
     return unsafe, {k: v for k, v in changed.items() if k in RESUME_SAFE}
