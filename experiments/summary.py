@@ -4,6 +4,7 @@ python -m experiments.summary --config=configs/gpt2.py:xl
 """
 from __future__ import annotations
 
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import common
@@ -11,6 +12,8 @@ from gpt import flops
 from gpt.configuration import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
+_DEVICES = flags.DEFINE_integer("devices", 0, "Devices to plan memory for (0: this machine's); "
+                                "the mesh is train.mesh with -1 filled from this number.")
 
 # (n_layer, d_model, n_head, vocab_size, max_len) -> what the paper reports.
 PAPER = {
@@ -20,6 +23,24 @@ PAPER = {
     (36, 1280, 20, 50257, 1024): ("GPT-2 large", 774_030_080, "762M (paper), 774M (released)"),
     (48, 1600, 25, 50257, 1024): ("GPT-2 xl", 1_557_611_200, "1542M (paper), 1558M (released)"),
 }
+
+
+def _memory_rows(config, cfg, n_params):
+    import jax
+
+    devices = _DEVICES.value or jax.device_count()
+    data, fsdp = config.train.mesh.data, config.train.mesh.fsdp
+    if config.train.parallelism != "mesh":
+        data, fsdp = devices, 1  # replicated data parallelism
+    data = devices // fsdp if data == -1 else data
+    fsdp = devices // data if fsdp == -1 else fsdp
+    batch = max(1, config.data.batch_size // (data * fsdp) // config.train.grad_accum_steps)
+    memory = flops.memory_per_device(cfg, n_params, batch, config.data.seq_len, fsdp)
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    setting = (f"{config.train.parallelism}: data={data} x fsdp={fsdp} / {batch} x {config.data.seq_len} "
+               f"/ {cfg.remat} / {cfg.dtype}")
+    return [("memory per device (estimate)", gib(sum(memory.values()))),
+            ("  mesh / micro-batch / remat / dtype", setting)] + [(f"  {k}", gib(v)) for k, v in memory.items()]
 
 
 def main(argv):
@@ -45,6 +66,7 @@ def main(argv):
         ("optimizer", f"AdamW lr {config.optim.lr:g}, warmup {config.optim.warmup_steps}, "
                       f"{config.optim.schedule} to {config.optim.end_lr:g}, wd {config.optim.weight_decay:g}"),
     ]
+    rows += _memory_rows(config, cfg, n_params)
     paper = PAPER.get((cfg.n_layer, cfg.d_model, cfg.n_head, cfg.vocab_size, cfg.max_len))
     if paper:
         name, exact, reported = paper

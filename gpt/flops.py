@@ -48,3 +48,23 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> 
         matmul(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def memory_per_device(cfg: GPTConfig, n_params: int, batch_per_device: int, seq_len: int,
+                      fsdp: int = 1) -> dict[str, float]:
+    """Bytes per device of a training step, estimated: float32 parameters, gradients and
+    Adam's two moments (sharded `fsdp` ways), plus activations kept for the backward pass
+    (Korthikanti et al. 2022's per-layer count, adjusted for `cfg.remat`) and float32 logits."""
+    act_bytes = 2 if cfg.dtype in ("bfloat16", "float16") else 4
+    sbh = batch_per_device * seq_len * cfg.d_model
+    scores = batch_per_device * cfg.n_head * seq_len * seq_len
+    full_layer = (17 * sbh + 2.5 * scores) * act_bytes  # all a block's activations
+    per_layer = {"none": full_layer, "dots": 9 * sbh * act_bytes, "full": sbh * act_bytes}[cfg.remat]
+    recompute = 0 if cfg.remat == "none" else full_layer  # one block rebuilt at a time
+    return {
+        "parameters": 4 * n_params / fsdp,
+        "gradients": 4 * n_params / fsdp,
+        "adam moments": 8 * n_params / fsdp,
+        "activations": cfg.n_layer * per_layer + recompute,
+        "logits": 2 * 4 * batch_per_device * seq_len * cfg.vocab_size,
+    }

@@ -216,3 +216,15 @@ def test_scanned_cache_decoding_matches_full_forward():
                                   method=GPT.decode)
         steps.append(GPT(cfg).apply({"params": params}, h, method=GPT.logits))
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_estimate_scales_with_sharding_and_remat():
+    from gpt.flops import memory_per_device
+
+    cfg = model_config(gpt2.get_config("xl"))
+    n = count_params(param_shapes(cfg))
+    one, eight = memory_per_device(cfg, n, 1, 1024, fsdp=1), memory_per_device(cfg, n, 1, 1024, fsdp=8)
+    assert one["parameters"] == 4 * n and eight["adam moments"] == 8 * n / 8
+    full = memory_per_device(dataclasses.replace(cfg, remat="full"), n, 1, 1024)
+    dots = memory_per_device(dataclasses.replace(cfg, remat="dots"), n, 1, 1024)
+    assert full["activations"] < dots["activations"] < one["activations"]
