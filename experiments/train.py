@@ -165,7 +165,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 timer_step, timer = step, time.perf_counter()
             bar.update(1)
             is_log = step % config.train.log_every == 0 or step == total_steps
-            is_ckpt = step % config.train.ckpt_every == 0 or step == total_steps or preemption.requested
+            preempted = preemption.requested  # read once: a signal may land mid-iteration
+            is_ckpt = step % config.train.ckpt_every == 0 or step == total_steps or preempted
             if (is_log or is_ckpt) and not config.train.skip_nonfinite:
                 metrics = jax.device_get(metrics)  # a non-finite state is never logged as healthy nor saved
                 if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
@@ -192,7 +193,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if is_ckpt:
                 ckpt.save(step, steps.host_state(device_state), train_iter, config.to_dict(),
                           metrics=last if is_log else None)
-            if preemption.requested:
+            if preempted:
                 _log(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume")
                 break
         else:
