@@ -74,9 +74,12 @@ def test_rerun_resumes_and_continues(trained):
     ("--config.model.nope=1", "--config.model.nope"),
     ("--config.train.steps=many", "--config.train.steps"),
     ("--config.train.steps=0", "train.steps"),
+    ("--config.train.grad_accum_steps=3", "data.batch_size"),  # 64 sequences do not split 3 ways
+    ("--config.train.mesh.fsdp=3", "train.mesh"),
 ])
 def test_bad_flag_is_one_error_line(tmp_path, flag, key):
-    result = run("experiments.train", "--config=configs/gpt1.py", f"--workdir={tmp_path}", flag)
+    result = run("experiments.train", "--config=configs/gpt1.py", f"--workdir={tmp_path}", flag,
+                 *(["--config.train.parallelism=mesh"] if "mesh" in flag else []))
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], result.stderr
