@@ -26,21 +26,45 @@ def run(parallelism, accum, mesh=None):
     for batch in batches(config, 3):
         device_state, metrics = steps.train(device_state, steps.put_batch(batch))
         losses.append(float(metrics["loss"]))
-    return steps.host_state(device_state).params, losses, steps.num_devices
+    return steps.host_state(device_state), losses, steps.num_devices
 
 
 def main():
     assert jax.local_device_count() == 8, jax.devices()
-    ref_params, ref_losses, _ = run("jit", 1)
+    ref_state, ref_losses, _ = run("jit", 1)
+    ref_params = ref_state.params
     for parallelism, accum, mesh in (("pmap", 1, None), ("pmap", 2, None), ("mesh", 1, make_mesh(1, 8)),
                                      ("mesh", 2, make_mesh(2, 4))):
-        params, losses, n = run(parallelism, accum, mesh)
+        state, losses, n = run(parallelism, accum, mesh)
+        params = state.params
         assert n == 8
         err = max_relative_error(jax.device_get(params), ref_params)
         name = f"{parallelism}{dict(mesh.shape) if mesh else ''} accum={accum}"
         print(f"{name}: max relative parameter error after 3 steps {err:.2e}")
         assert err < 1e-5, err
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    restore_onto_another_mesh(state)
+
+
+def restore_onto_another_mesh(state):
+    """A checkpoint saved sharded over data=2 x fsdp=4 restores onto fsdp=8 unchanged."""
+    import tempfile
+
+    from gpt.checkpoint import Checkpointer
+    from gpt.train_step import fsdp_shardings
+
+    with tempfile.TemporaryDirectory() as directory:
+        ckpt = Checkpointer(directory)
+        ckpt.save(3, state, None, {})
+        ckpt.close()
+        mesh = make_mesh(1, 8)
+        target = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, fsdp_shardings(mesh, state))
+        restored = Checkpointer(directory).restore(3, target)
+    for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding.mesh.shape == mesh.shape
+    print("restored a data=2 x fsdp=4 checkpoint onto fsdp=8")
 
 
 if __name__ == "__main__":

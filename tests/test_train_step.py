@@ -56,6 +56,7 @@ def test_pmap_and_mesh_match_jit_on_8_devices():
     result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("max relative parameter error") == 4, result.stdout
+    assert "restored a data=2 x fsdp=4 checkpoint onto fsdp=8" in result.stdout
 
 
 def test_two_processes_match_one_device():
