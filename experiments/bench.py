@@ -13,6 +13,7 @@ measured in one run, not absolute figures across runs.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -42,6 +43,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions after warm-up; 
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Sampling: prompt tokens (batch 1, greedy).")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "Sampling: new tokens per prompt.")
+_CPUS = flags.DEFINE_integer(
+    "cpus", 0, "Pin ours and the peer to this many CPUs (0: all). On a shared machine 1 keeps "
+    "the ratio honest: a busy machine slows a 2-thread runtime by how it waits, not by its work.")
 _OUT = flags.DEFINE_string("out", "", "JSON results file; default bench_results/<timestamp>.json.")
 
 PEER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -121,10 +125,9 @@ def bench_sample(model: GPT, params, prompt_len: int, new_tokens: int, warmup: i
                  repeats: int) -> dict:
     """Greedy new tokens/s for one prompt (batch 1), prefill included, as Hugging Face's
     `generate` is timed; the first call (compilation) is reported apart."""
-    try:
-        from gpt.sampling import generate
-    except ImportError:
+    if importlib.util.find_spec("gpt.sampling") is None:
         return {"skipped": SAMPLING_MISSING}
+    from gpt.sampling import generate  # pylint: disable=import-outside-toplevel
     if prompt_len + new_tokens > model.cfg.max_len:
         raise ValueError(f"--prompt_len + --new_tokens = {prompt_len + new_tokens} is not allowed: "
                          f"at most model.max_len={model.cfg.max_len}")
@@ -155,8 +158,9 @@ _PEER_WRAPPER = ("import re, runpy, sys; sys.argv = sys.argv[1:]; "
 
 
 def run_peer(config, what: str, compile_: bool, warmup: int, repeats: int,
-             prompt_len: int, new_tokens: int) -> dict:
-    """One measurement of ../shared/bench/peer_hf.py in a subprocess, plus its peak RSS."""
+             prompt_len: int, new_tokens: int, threads: int = 0) -> dict:
+    """One measurement of ../shared/bench/peer_hf.py in a subprocess, plus its peak RSS;
+    `threads` > 0 sets torch's threads, else torch keeps its default."""
     if not os.path.isfile(PEER_SCRIPT):
         raise FileNotFoundError(f"--peer needs {os.path.normpath(PEER_SCRIPT)}, which is missing")
     m = config.model
@@ -164,7 +168,7 @@ def run_peer(config, what: str, compile_: bool, warmup: int, repeats: int,
            f"--d-model={m.d_model}", f"--heads={m.n_head}", f"--vocab={m.vocab_size}",
            f"--seq={config.data.seq_len}", f"--batch={config.data.batch_size}",
            f"--prompt={prompt_len}", f"--new={new_tokens}", f"--warmup={warmup}",
-           f"--repeats={repeats}"] + (["--compile"] if compile_ else [])
+           f"--repeats={repeats}", f"--threads={threads}"] + (["--compile"] if compile_ else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -213,9 +217,12 @@ def table(results: dict) -> str:
 
 
 def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, prompt_len: int = 32,
-        new_tokens: int = 128) -> dict:
+        new_tokens: int = 128, cpus: int = 0) -> dict:
     """All requested measurements as one JSON-able dict; `peers` names the peer runs
-    ("hf-torch", "hf-torch-compile")."""
+    ("hf-torch", "hf-torch-compile"). `cpus` > 0 pins this process, and so the peer, to
+    that many CPUs; it must come before jax starts its thread pool."""
+    if cpus:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])
     unknown = [w for w in what if w not in WHATS]
     if unknown:
         raise ValueError(f"--what={','.join(what)} is not allowed: a list of {', '.join(WHATS)}")
@@ -257,7 +264,8 @@ def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, prompt_len
         for w in peer_whats:
             if w == "sample" and name == "hf-torch-compile":
                 continue  # peer_hf.py compiles only its train step
-            r = run_peer(config, w, name == "hf-torch-compile", warmup, repeats, prompt_len, new_tokens)
+            r = run_peer(config, w, name == "hf-torch-compile", warmup, repeats, prompt_len,
+                         new_tokens, threads=cpus)
             if w == "train":  # the same FLOPs per token and peak as ours
                 r["model_flops_per_s"] = r["tokens_per_s"] * results["train"]["flops_per_token"]
                 r["mfu"] = r["model_flops_per_s"] / results["matmul_peak_flops"]
@@ -275,7 +283,8 @@ def main(argv):
         ["hf-torch-compile"] if _COMPILE_PEER.value else [])
     out = _OUT.value or os.path.join("bench_results", time.strftime("%Y%m%d-%H%M%S") + ".json")
     results = run(_CONFIG.value, _WHAT.value, peers=peers, warmup=_WARMUP.value,
-                  repeats=_REPEATS.value, prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value)
+                  repeats=_REPEATS.value, prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value,
+                  cpus=_CPUS.value)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     common.write_json_atomic(out, results)
     print(table(results))
