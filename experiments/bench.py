@@ -242,7 +242,8 @@ def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, prompt_len
         "shape": _shape_line(config, model), "model": dataclasses.asdict(model.cfg),
         "seq_len": config.data.seq_len, "batch_size": config.data.batch_size,
         "notes": ["train.grad_accum_steps forced to 1", "dropout off", f"medians of {repeats} "
-                  f"after {warmup} warm-up", "uniform random tokens for train and sample"],
+                  f"after {warmup} warm-up", "uniform random tokens for train and sample"]
+                 + ([f"ours and the peer pinned to {cpus} CPU(s)"] if cpus else []),
         "machine": {"platform": device.platform, "device_kind": device.device_kind,
                     "cpus": len(os.sched_getaffinity(0)), "host": platform.node(),
                     "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
