@@ -54,6 +54,14 @@ def run_program(main) -> None:
         _fail(last_line(e), "" if VERBOSE.value else " (--verbose shows the traceback)")
 
 
+def require_config(argv, config, example: str) -> None:
+    """The checks every config-driven program makes first: no stray arguments, a --config."""
+    if len(argv) > 1:
+        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if config is None:
+        raise ValueError(f"--config is required, e.g. --config={example}")
+
+
 def prepare_workdir(workdir: str) -> str:
     if not workdir:
         raise ValueError("--workdir is required: a directory for config, logs and checkpoints")

@@ -44,8 +44,7 @@ def _memory_rows(config, cfg, n_params):
 
 
 def main(argv):
-    if _CONFIG.value is None:
-        raise ValueError("--config is required, e.g. --config=configs/gpt2.py:xl")
+    common.require_config(argv, _CONFIG.value, "configs/gpt2.py:xl")
     config = _CONFIG.value
     cfg = validate(config)
     shapes = flops.param_shapes(cfg)

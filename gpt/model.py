@@ -243,6 +243,10 @@ class GPT(nn.Module):
                 cfg.vocab_size, use_bias=False, kernel_init=nn.initializers.normal(cfg.init_std),
                 dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="lm_head")
 
+    def example_inputs(self, seq_len: int) -> tuple:
+        """Arguments of one __call__ with a batch of 1, for `init`."""
+        return (jnp.zeros((1, seq_len), jnp.int32),)
+
     def hidden_states(self, tokens_BxT, deterministic: bool = True):
         """Final hidden states, before the head (what a fine-tuning classifier reads)."""
         positions_1xT = jnp.arange(tokens_BxT.shape[1])[None]

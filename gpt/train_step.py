@@ -1,7 +1,9 @@
-"""Train state, loss, and the train/eval steps with their jit and pmap wrappers.
+"""Train state, loss, and the train/eval steps with their jit, pmap and mesh wrappers.
 
 One pure `train_step` serves every layout: under pmap it is given the axis name and
-averages gradients and metrics across devices; under jit it runs as is.
+averages gradients and metrics across devices; under jit it runs as is. It also serves
+every objective: language modelling here, GPT-1's fine-tuning in gpt.finetune, each a
+`Loss` and an `Evaluate` function.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def create_state(model: GPT, tx: optax.GradientTransformation, seed: int, seq_le
     init_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
 
     def init():
-        params = model.init(init_rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
+        params = model.init(init_rng, *model.example_inputs(seq_len))["params"]
         state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=dropout_rng)
         return state.replace(step=jnp.zeros((), jnp.int32))  # not weak-typed: no recompiles
 
@@ -53,14 +55,26 @@ def _uses_dropout(model: GPT) -> bool:
     return max(c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) > 0
 
 
-def loss_fn(params, apply_fn, batch, rng, train: bool):
+# (params, apply_fn, batch, dropout rng, train) -> (loss, {name: scalar metric})
+Loss = Callable[..., tuple[jax.Array, dict]]
+# (params, apply_fn, batch) -> {name: scalar averaged over the batch, or per-example array}
+Evaluate = Callable[..., dict]
+
+
+def lm_loss(params, apply_fn, batch, rng, train: bool):
+    """Next-token cross-entropy of batch["inputs"] against batch["targets"]."""
     logits_BxTxV = apply_fn({"params": params}, batch["inputs"], deterministic=not train,
                             rngs={"dropout": rng} if train else None)
-    return cross_entropy(logits_BxTxV, batch["targets"])
+    return cross_entropy(logits_BxTxV, batch["targets"]), {}
 
 
-def train_step(state: TrainState, batch, *, schedule, accum_steps: int = 1, dropout: bool = True,
-               axis_name: str | None = None, skip_nonfinite: bool = False, poison_step: int = 0):
+def lm_evaluate(params, apply_fn, batch):
+    return {"loss": lm_loss(params, apply_fn, batch, None, False)[0]}
+
+
+def train_step(state: TrainState, batch, *, schedule, loss: Loss = lm_loss, accum_steps: int = 1,
+               dropout: bool = True, axis_name: str | None = None, skip_nonfinite: bool = False,
+               poison_step: int = 0):
     """One optimizer update. With `accum_steps` > 1 the batch is cut into that many
     micro-batches whose gradients are averaged: the same update as one large batch.
     With `skip_nonfinite` an update whose loss or gradient is not finite leaves the state as
@@ -68,29 +82,32 @@ def train_step(state: TrainState, batch, *, schedule, accum_steps: int = 1, drop
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    grad_fn = jax.value_and_grad(loss_fn)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
 
     if accum_steps == 1:
-        loss, grads = grad_fn(state.params, state.apply_fn, batch, rng, dropout)
+        (value, aux), grads = grad_fn(state.params, state.apply_fn, batch, rng, dropout)
     else:
         micro = jax.tree_util.tree_map(
             lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
 
         def accumulate(carry, i_and_mb):
             i, mb = i_and_mb
-            loss, grads = grad_fn(state.params, state.apply_fn, mb, jax.random.fold_in(rng, i), dropout)
-            return jax.tree_util.tree_map(jnp.add, carry, (loss, grads)), None
+            out = grad_fn(state.params, state.apply_fn, mb, jax.random.fold_in(rng, i), dropout)
+            return jax.tree_util.tree_map(jnp.add, carry, out), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree_util.tree_map(jnp.zeros_like, state.params))
-        (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
-        loss, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, grads))
+        first_mb = jax.tree_util.tree_map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda p, b: grad_fn(p, state.apply_fn, b, rng, dropout),
+                                state.params, first_mb)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        ((value, aux), grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), micro))
+        value, aux, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (value, aux, grads))
 
     if axis_name is not None:
-        loss, grads = jax.lax.pmean((loss, grads), axis_name)
+        value, aux, grads = jax.lax.pmean((value, aux, grads), axis_name)
     if poison_step:
         poison = jnp.where(state.step + 1 == poison_step, jnp.nan, 0.0)
-        loss, grads = jax.tree_util.tree_map(lambda x: x + poison, (loss, grads))
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
+        value, grads = jax.tree_util.tree_map(lambda x: x + poison, (value, grads))
+    metrics = {"loss": value, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step), **aux}
     new_state = state.apply_gradients(grads=grads)
     if skip_nonfinite:
         ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
@@ -99,11 +116,14 @@ def train_step(state: TrainState, batch, *, schedule, accum_steps: int = 1, drop
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, *, axis_name: str | None = None):
-    loss = loss_fn(state.params, state.apply_fn, batch, None, False)
+def eval_step(state: TrainState, batch, *, evaluate: Evaluate = lm_evaluate,
+              axis_name: str | None = None):
+    """Scalars are averaged across devices; per-example arrays stay per device (the pmap
+    wrapper puts the devices' rows back together)."""
+    out = evaluate(state.params, state.apply_fn, batch)
     if axis_name is not None:
-        loss = jax.lax.pmean(loss, axis_name)
-    return {"loss": loss}
+        out = {k: jax.lax.pmean(v, axis_name) if v.ndim == 0 else v for k, v in out.items()}
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +172,7 @@ def fsdp_shardings(mesh: jax.sharding.Mesh, tree):
     return jax.tree_util.tree_map(sharding, tree)
 
 
-def _mesh_steps(step, mesh: jax.sharding.Mesh) -> Steps:
+def _mesh_steps(step, evaluate, mesh: jax.sharding.Mesh) -> Steps:
     """jit over a (data, fsdp) mesh: the batch is split over both axes, the state along fsdp;
     XLA inserts the all-gathers and reduce-scatters."""
     P = jax.sharding.PartitionSpec
@@ -171,23 +191,25 @@ def _mesh_steps(step, mesh: jax.sharding.Mesh) -> Steps:
         return jax.tree_util.tree_map(
             lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
 
-    return Steps(train=train, eval=jax.jit(eval_step, out_shardings=replicated),
+    return Steps(train=train, eval=jax.jit(evaluate, out_shardings=replicated),
                  put_state=lambda s: jax.device_put(s, state_shardings(s)), put_batch=put_batch,
                  host_state=lambda s: s, num_devices=jax.device_count(), shardings=state_shardings)
 
 
 def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int = 1, *,
+               loss: Loss = lm_loss, evaluate: Evaluate = lm_evaluate,
                skip_nonfinite: bool = False, poison_step: int = 0,
                mesh: jax.sharding.Mesh | None = None) -> Steps:
-    step = functools.partial(train_step, schedule=schedule, accum_steps=accum_steps,
+    step = functools.partial(train_step, schedule=schedule, loss=loss, accum_steps=accum_steps,
                              dropout=_uses_dropout(model), skip_nonfinite=skip_nonfinite,
                              poison_step=poison_step)
+    evaluate_step = functools.partial(eval_step, evaluate=evaluate)
     if parallelism == "jit":
-        return Steps(train=jax.jit(step, donate_argnums=0), eval=jax.jit(eval_step),
+        return Steps(train=jax.jit(step, donate_argnums=0), eval=jax.jit(evaluate_step),
                      put_state=lambda s: s, put_batch=lambda b: b, host_state=lambda s: s,
                      num_devices=1)
     if parallelism == "mesh":
-        return _mesh_steps(step, mesh if mesh is not None else make_mesh())
+        return _mesh_steps(step, evaluate_step, mesh if mesh is not None else make_mesh())
     if parallelism != "pmap":
         raise ValueError(f"train.parallelism={parallelism!r} is not allowed: one of {', '.join(PARALLELISMS)}")
 
@@ -198,7 +220,11 @@ def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int 
         jax.sharding.Mesh(np.array(jax.local_devices()), (AXIS,)), jax.sharding.PartitionSpec(AXIS))
     first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)  # noqa: E731
     p_train = jax.pmap(functools.partial(step, axis_name=AXIS), axis_name=AXIS, donate_argnums=0)
-    p_eval = jax.pmap(functools.partial(eval_step, axis_name=AXIS), axis_name=AXIS)
+    p_eval = jax.pmap(functools.partial(evaluate_step, axis_name=AXIS), axis_name=AXIS)
+
+    def eval_(state, batch):  # pmean'd scalars: the first copy; per-example rows: all devices'
+        return {k: v[0] if v.ndim == 1 else v.reshape(-1, *v.shape[2:])
+                for k, v in p_eval(state, batch).items()}
 
     def train(state, batch):
         state, metrics = p_train(state, batch)
@@ -212,5 +238,5 @@ def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int 
         return jax.device_put(jax.tree_util.tree_map(
             lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch), stacked)
 
-    return Steps(train=train, eval=lambda s, b: first(p_eval(s, b)), put_state=put_state,
+    return Steps(train=train, eval=eval_, put_state=put_state,
                  put_batch=put_batch, host_state=first, num_devices=n)

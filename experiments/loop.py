@@ -1,0 +1,227 @@
+"""The training loop that pre-training and fine-tuning share: resume, train, log,
+evaluate, checkpoint, stop cleanly on SIGTERM or a non-finite loss.
+
+A `Job` says what is trained (model, objective, data, how to summarise evaluation);
+`run` does the rest the same way for every job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from experiments import common
+from gpt import flops
+from gpt.checkpoint import Checkpointer
+from gpt.configuration import resume_changes
+from gpt.model import ConfigError
+from gpt.optim import make_optimizer
+from gpt.train_step import Evaluate, Loss, create_state, lm_evaluate, lm_loss, make_mesh, make_steps
+
+
+def _log(message: str) -> None:
+    """Only process 0 speaks: a pod slice of hosts would otherwise print everything N times."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def initialize_distributed(train_cfg) -> None:
+    """Joins the processes of a multi-host run before any other JAX call. With no explicit
+    values, JAX detects TPU pods, SLURM, Open MPI and similar from their environment; by hand:
+    JAX_COORDINATOR_ADDRESS=host:port plus train.num_processes and train.process_id."""
+    kwargs = {}
+    if train_cfg.num_processes > 0:
+        kwargs = {"num_processes": train_cfg.num_processes, "process_id": train_cfg.process_id}
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; ignored elsewhere
+    jax.distributed.initialize(**kwargs)
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss or gradient norm; exit status 3."""
+
+
+def evaluate(steps, device_state, eval_batches, summarize) -> dict:
+    outputs = [steps.eval(device_state, steps.put_batch(b)) for b in eval_batches]
+    return summarize(jax.device_get(outputs))
+
+
+def _mean_loss(outputs: list[dict]) -> dict:
+    return {"eval/loss": float(np.mean([o["loss"] for o in outputs]))}
+
+
+@dataclasses.dataclass
+class Job:
+    """What the loop trains: everything that differs between pre-training and fine-tuning."""
+
+    model: nn.Module
+    seq_len: int  # of the training sequences: initialisation and FLOPs per token
+    tokens_per_step: int
+    train_iter: Any  # a grain iterator, checkpointed with the state
+    eval_batches: list
+    loss: Loss = lm_loss
+    evaluate: Evaluate = lm_evaluate
+    summarize: Callable[[list[dict]], dict] = _mean_loss  # eval outputs -> {"eval/...": float}
+    initial_params: Callable[[Any], Any] | None = None  # fresh params -> starting params
+
+
+class _Preemption:
+    """SIGTERM (what a TPU VM or a scheduler sends before taking the machine) asks the loop
+    to checkpoint at the current step and exit 0."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _resume(ckpt: Checkpointer, state, train_iter, config, workdir: str):
+    """Restores the newest readable checkpoint after checking that the config still fits it;
+    returns (state, step), step None when there was nothing to restore."""
+    if not ckpt.all_steps():
+        return state, None
+    saved = None
+    for step in reversed(ckpt.all_steps()):
+        try:
+            saved = ckpt.restore_config(step)
+            break
+        except Exception:  # noqa: BLE001 - unreadable; restore_latest_valid reports it below
+            continue
+    if saved is not None:
+        unsafe, safe = resume_changes(saved, config.to_dict())
+        if unsafe:
+            key, (old, new) = next(iter(unsafe.items()))
+            raise ConfigError(key, f"the checkpoints in {workdir} were made with {key}={old!r}; "
+                                   f"resume with the same value or use a new --workdir", new)
+        if safe:
+            with open(os.path.join(workdir, "resumes.jsonl"), "a") as f:
+                f.write(json.dumps({"changes": {k: list(v) for k, v in safe.items()}}) + "\n")
+    restored, step, unreadable = ckpt.restore_latest_valid(state, train_iter)
+    for bad_step, reason, moved_to in unreadable:
+        _log(f"warning: checkpoint at step {bad_step} is unreadable ({reason}); "
+                   f"moved to {moved_to}, trying the previous one")
+    return (restored, step) if restored is not None else (state, None)
+
+
+def num_devices_and_mesh(config):
+    parallelism = config.train.parallelism
+    mesh = make_mesh(config.train.mesh.data, config.train.mesh.fsdp) if parallelism == "mesh" else None
+    num_devices = {"jit": 1, "pmap": jax.local_device_count() * jax.process_count()}.get(
+        parallelism, jax.device_count())
+    return num_devices, mesh
+
+
+def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
+    """The training loop: resume, train, log, evaluate, checkpoint, stop on SIGTERM."""
+    workdir = common.prepare_workdir(workdir)
+    total_steps = config.train.steps
+    model_cfg = job.model.cfg
+    tx, schedule = make_optimizer(config.optim, total_steps)
+    steps = make_steps(job.model, schedule, config.train.parallelism, config.train.grad_accum_steps,
+                       loss=job.loss, evaluate=job.evaluate,
+                       skip_nonfinite=config.train.skip_nonfinite, poison_step=config.train.poison_step,
+                       mesh=mesh)
+    state = create_state(job.model, tx, config.train.seed, job.seq_len, steps.shardings)
+    if job.initial_params is not None:
+        state = state.replace(params=job.initial_params(state.params))
+    train_iter, eval_batches = job.train_iter, job.eval_batches
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_ckpts,
+                        keep_best=config.train.keep_best)
+    state, resumed_step = _resume(ckpt, state, train_iter, config, workdir)
+    start_step = resumed_step or 0
+    if jax.process_index() == 0:
+        common.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
+
+    n_params = flops.count_params(state.params)
+    flops_per_tok = flops.flops_per_token(model_cfg, n_params, job.seq_len)
+    peak = (config.train.peak_flops or flops.measure_matmul_flops()) * num_devices
+    tokens_per_step = job.tokens_per_step
+    writer = common.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
+    _log(f"{n_params:,} parameters | {flops_per_tok / 1e6:.1f} MFLOPs/token | "
+               f"{total_steps:,} steps of {tokens_per_step:,} tokens | "
+               f"{'from scratch' if resumed_step is None else f'resuming from step {resumed_step}'}")
+
+    device_state = steps.put_state(state)
+    last = {}
+    preemption = _Preemption()
+    bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+               disable=jax.process_index() != 0)
+    timer_step, timer = start_step, None
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            device_state, metrics = steps.train(device_state, steps.put_batch(next(train_iter)))
+            if timer is None:  # exclude compilation from the throughput
+                jax.block_until_ready(metrics)
+                timer_step, timer = step, time.perf_counter()
+            bar.update(1)
+            is_log = step % config.train.log_every == 0 or step == total_steps
+            preempted = preemption.requested  # read once: a signal may land mid-iteration
+            is_ckpt = step % config.train.ckpt_every == 0 or step == total_steps or preempted
+            if (is_log or is_ckpt) and not config.train.skip_nonfinite:
+                metrics = jax.device_get(metrics)  # a non-finite state is never logged as healthy nor saved
+                if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                    writer.write(step, {"train/loss": float(metrics["loss"]),
+                                        "train/grad_norm": float(metrics["grad_norm"]), "diverged": True})
+                    raise Diverged(f"non-finite loss or gradient at step {step}; last good checkpoint: "
+                                   f"step {ckpt.latest_step() or 'none'} in {workdir}")
+
+            if is_log:
+                metrics = jax.device_get(metrics)
+                elapsed = time.perf_counter() - timer
+                tokens_per_s = (step - timer_step) * tokens_per_step / elapsed if step > timer_step else 0.0
+                last = {"train/loss": float(metrics["loss"]), "train/lr": float(metrics["lr"]),
+                        "train/grad_norm": float(metrics["grad_norm"]),
+                        "train/tokens_per_s": tokens_per_s,
+                        "train/mfu": flops.mfu(tokens_per_s, flops_per_tok, peak),
+                        **{f"train/{k}": float(v) for k, v in metrics.items()  # the objective's own terms
+                           if k not in ("loss", "lr", "grad_norm", "skipped")}}
+                if step % config.train.eval_every == 0 or step == total_steps:
+                    last.update(evaluate(steps, device_state, eval_batches, job.summarize))
+                writer.write(step, last)
+                bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+                _log(f"step {step:>7} | " + " | ".join(f"{k} {v:.4g}" for k, v in last.items()))
+                timer_step, timer = step, time.perf_counter()
+
+            if is_ckpt:
+                ckpt.save(step, steps.host_state(device_state), train_iter, config.to_dict(),
+                          metrics=last if is_log else None)
+            if preempted:
+                _log(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume")
+                break
+        else:
+            if not last:  # nothing left to train: report where the run stands
+                last = evaluate(steps, device_state, eval_batches, job.summarize)
+                _log(f"already trained to step {start_step}; "
+                     + " | ".join(f"{k} {v:.4g}" for k, v in last.items()))
+    finally:
+        preemption.restore()
+        bar.close()
+        ckpt.close()
+        writer.close()
+    return last
+
+
+def run_program(main) -> None:
+    """common.run_program, plus exit status 3 (with the error line) when training diverged."""
+
+    def main_or_diverged(argv):
+        try:
+            main(argv)
+        except Diverged as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(3)
+
+    common.run_program(main_or_diverged)
