@@ -244,7 +244,7 @@ def _text_corpus_source(data_cfg: ml_collections.ConfigDict, split: str):
     return builder.as_data_source(split=split)
 
 
-def _tfds_builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+def _tfds_builder(data_cfg: ml_collections.ConfigDict, key: str) -> tfds.core.DatasetBuilder:
     name = data_cfg.name
     # TFDS registers its older text builders (c4, wikipedia, ...) only when this module is imported.
     importlib.import_module("tensorflow_datasets.text")
@@ -253,7 +253,7 @@ def _tfds_builder(data_cfg: ml_collections.ConfigDict) -> tfds.core.DatasetBuild
     except (ValueError, AssertionError) as e:  # unknown name, config or version
         reason = str(e).splitlines()[0]
         raise ConfigError(
-            "data.name", f"{', '.join(CORPORA)}, {LOCAL_PREFIX}PATH (.txt / .jsonl files, a "
+            key, f"{', '.join(CORPORA)}, {LOCAL_PREFIX}PATH (.txt / .jsonl files, a "
             f"directory or a glob) or a TFDS dataset name ({reason})", name) from None
 
 
@@ -277,15 +277,24 @@ def _how_to_prepare(builder: tfds.core.DatasetBuilder, name: str) -> str:
     return "; ".join(steps)
 
 
-def _tfds_source(data_cfg: ml_collections.ConfigDict, split: str):
-    """One split of a prepared TFDS dataset and the name of its text feature."""
-    builder = _tfds_builder(data_cfg)
+def prepared_builder(data_cfg: ml_collections.ConfigDict,
+                     key: str = "data.name") -> tfds.core.DatasetBuilder:
+    """The TFDS builder of `data_cfg.name` (in `data_cfg.data_dir`), which must be prepared:
+    nothing is downloaded during a run. `key` is the config key errors name."""
+    builder = _tfds_builder(data_cfg, key)
     name = data_cfg.name
     if not builder.is_prepared():
         raise FileNotFoundError(
-            f"data.name={name!r}: the TFDS dataset {name} is not prepared in "
+            f"{key}={name!r}: the TFDS dataset {name} is not prepared in "
             f"{builder.data_dir_root}, and it is never downloaded during a run. "
             f"To prepare it once with network access: {_how_to_prepare(builder, name)}")
+    return builder
+
+
+def _tfds_source(data_cfg: ml_collections.ConfigDict, split: str):
+    """One split of a prepared TFDS dataset and the name of its text feature."""
+    builder = prepared_builder(data_cfg)
+    name = data_cfg.name
     feature = _text_feature(builder.info.features, data_cfg)
     splits = builder.info.splits
     held_out = "validation" not in splits and "test" not in splits

@@ -1,0 +1,113 @@
+"""Fine-tune a pre-trained run on a task with GPT-1's recipe; rerunning resumes.
+
+python -m experiments.finetune --config=configs/finetune/sst2.py --config.init_from=W --workdir=OUT
+
+W is a run of experiments.train or an import of experiments.convert (OpenAI's weights).
+The model and tokenizer are W's (its vocabulary grown by the start / delimiter / extract
+tokens); the fine-tune config's dropout rates apply. Validation metrics go to
+OUT/metrics.jsonl at every train.eval_every steps and at the end.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from experiments import common, loop
+from gpt import data
+from gpt.configuration import validate
+from gpt.finetune import pipeline, tasks
+from gpt.finetune.metrics import task_metrics
+from gpt.finetune.model import GPTClassifier, load_pretrained, make_evaluate, make_loss
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config file[:arg].")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, logs and checkpoints.")
+
+# The pre-trained run's keys that fine-tuning keeps: its architecture and its tokenizer.
+_PRETRAINED_DATA_KEYS = ("name", "text_feature", "tokenizer", "bpe_merges", "data_dir")
+_FINETUNE_MODEL_KEYS = ("embd_pdrop", "resid_pdrop", "attn_pdrop")
+
+
+def _adopt_pretrained(config):
+    """Takes the pre-trained run's model and tokenizer into `config`; returns its params."""
+    pre_config, _, params = common.load_run(config.init_from)
+    for key, value in pre_config.model.items():
+        if key not in _FINETUNE_MODEL_KEYS:
+            config.model[key] = value
+    for key in _PRETRAINED_DATA_KEYS:
+        config.data[key] = pre_config.data[key]
+    return params
+
+
+def _summarize(task: tasks.Task):
+    def summarize(outputs: list[dict]) -> dict:
+        cat = {k: np.concatenate([o[k] for o in outputs]) for k in ("scores", "label", "weight")}
+        real = cat["weight"] > 0
+        loss = sum(float(o["loss_sum"]) for o in outputs) / sum(float(o["count"]) for o in outputs)
+        metrics = task_metrics(task.metrics, cat["scores"][real], cat["label"][real], task.regression)
+        return {"eval/loss": loss, **{f"eval/{k}": v for k, v in metrics.items()}}
+
+    return summarize
+
+
+def finetune(config, workdir: str) -> dict:
+    task = tasks.get_task(config.task)
+    pretrained = _adopt_pretrained(config) if config.init_from else None
+    tok = data.get_tokenizer(config.data).with_special_tokens()
+    config.model.vocab_size = max(config.model.vocab_size, tok.vocab_size)
+    config.data.seq_len = min(config.data.seq_len, config.model.max_len)
+    num_devices, mesh = loop.num_devices_and_mesh(config)
+    model_cfg = validate(config, num_devices)
+    if pretrained is not None and pretrained["wte"]["embedding"].shape[0] > model_cfg.vocab_size:
+        raise ValueError("init_from: the pre-trained vocabulary is larger than model.vocab_size")
+
+    max_len = config.data.seq_len
+    train_split = pipeline.encode(tasks.load_examples(task, config.task, "train", config.data.data_dir),
+                                  task, tok, max_len, "train")
+    eval_split = pipeline.encode(tasks.load_examples(task, config.task, "eval", config.data.data_dir),
+                                 task, tok, max_len, "eval")
+    length = pipeline.padded_length(train_split, eval_split, max_len=max_len)
+    batch_size = config.data.batch_size
+    steps_per_epoch = max(1, len(train_split.seqs) // batch_size)
+    config.train.steps = max(1, math.ceil(config.train.epochs * steps_per_epoch))
+    if config.optim.warmup_fraction > 0:
+        config.optim.warmup_steps = round(config.optim.warmup_fraction * config.train.steps)
+
+    num_sequences = (task.num_labels if task.format == "multiple_choice"
+                     else 2 if task.format == "similarity" else 1)
+    model = GPTClassifier(model_cfg, num_outputs=task.num_labels, num_sequences=num_sequences,
+                          multiple_choice=task.format == "multiple_choice",
+                          clf_pdrop=config.finetune.clf_pdrop)
+    job = loop.Job(
+        model=model, seq_len=length, tokens_per_step=batch_size * num_sequences * length,
+        train_iter=pipeline.make_train_iterator(train_split, length, batch_size,
+                                                seed=config.train.seed,
+                                                process_index=jax.process_index(),
+                                                process_count=jax.process_count()),
+        eval_batches=pipeline.make_eval_batches(eval_split, length, batch_size,
+                                                process_index=jax.process_index(),
+                                                process_count=jax.process_count()),
+        loss=make_loss(config.finetune.lm_coef, task.regression),
+        evaluate=make_evaluate(task.regression), summarize=_summarize(task),
+        initial_params=None if pretrained is None else
+        (lambda fresh: load_pretrained(fresh, pretrained)))
+    return loop.run(config, workdir, job, num_devices, mesh)
+
+
+def main(argv):
+    common.require_config(argv, _CONFIG.value, "configs/finetune/sst2.py")
+    config = _CONFIG.value
+    if config.train.distributed:
+        loop.initialize_distributed(config.train)
+    last = finetune(config, _WORKDIR.value)
+    headline = tasks.get_task(config.task).metrics[0]
+    print(f"{config.task.name}: validation {headline} {last[f'eval/{headline}']:.2f} "
+          f"(" + ", ".join(f"{k.removeprefix('eval/')} {v:.4g}" for k, v in last.items()
+                           if k.startswith("eval/")) + ")")
+
+
+if __name__ == "__main__":
+    loop.run_program(main)

@@ -1,0 +1,1 @@
+"""GPT-1's supervised fine-tuning: task transformations, classifier and objective, tasks, metrics."""
