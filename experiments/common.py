@@ -35,7 +35,7 @@ def unknown_override(e: BaseException, argv) -> str:
 def run_program(main) -> None:
     """Parses flags and runs `main(argv)`. A user's mistake ends in one `error: ...` line and
     exit status 2; --verbose shows the traceback and the libraries' logs (orbax and tfds
-    log every file they touch)."""
+    log every file they touch, and warn about their own internals)."""
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file or a sweep as it happens
     argv = sys.argv
     try:
@@ -45,7 +45,7 @@ def run_program(main) -> None:
     except (flags.Error, ValueError, OSError) as e:
         _fail(last_line(e))
     if not VERBOSE.value:
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.ERROR)
     try:
         main(argv)
     except (ValueError, OSError) as e:
