@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
@@ -84,12 +83,8 @@ def finetune(config, workdir: str) -> dict:
     job = loop.Job(
         model=model, seq_len=length, tokens_per_step=batch_size * num_sequences * length,
         train_iter=pipeline.make_train_iterator(train_split, length, batch_size,
-                                                seed=config.train.seed,
-                                                process_index=jax.process_index(),
-                                                process_count=jax.process_count()),
-        eval_batches=pipeline.make_eval_batches(eval_split, length, batch_size,
-                                                process_index=jax.process_index(),
-                                                process_count=jax.process_count()),
+                                                seed=config.train.seed, **loop.this_host()),
+        eval_batches=pipeline.make_eval_batches(eval_split, length, batch_size, **loop.this_host()),
         loss=make_loss(config.finetune.lm_coef, task.regression),
         evaluate=make_evaluate(task.regression), summarize=_summarize(task),
         initial_params=None if pretrained is None else
@@ -98,10 +93,7 @@ def finetune(config, workdir: str) -> dict:
 
 
 def main(argv):
-    common.require_config(argv, _CONFIG.value, "configs/finetune/sst2.py")
-    config = _CONFIG.value
-    if config.train.distributed:
-        loop.initialize_distributed(config.train)
+    config = loop.config_for_run(argv, _CONFIG.value, "configs/finetune/sst2.py")
     last = finetune(config, _WORKDIR.value)
     headline = tasks.get_task(config.task).metrics[0]
     print(f"{config.task.name}: validation {headline} {last[f'eval/{headline}']:.2f} "

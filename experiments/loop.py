@@ -116,6 +116,11 @@ def _resume(ckpt: Checkpointer, state, train_iter, config, workdir: str):
     return (restored, step) if restored is not None else (state, None)
 
 
+def this_host() -> dict:
+    """Which slice of the data this process reads: the data pipelines' keyword arguments."""
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}
+
+
 def num_devices_and_mesh(config):
     parallelism = config.train.parallelism
     mesh = make_mesh(config.train.mesh.data, config.train.mesh.fsdp) if parallelism == "mesh" else None
@@ -212,6 +217,14 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
         ckpt.close()
         writer.close()
     return last
+
+
+def config_for_run(argv, config, example: str):
+    """A training program's first steps: check the command line, join the other hosts."""
+    common.require_config(argv, config, example)
+    if config.train.distributed:
+        initialize_distributed(config.train)
+    return config
 
 
 def run_program(main) -> None:

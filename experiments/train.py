@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import math
 
-import jax
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import common, loop
+from experiments import loop
 from gpt import data
 from gpt.configuration import validate
 from gpt.model import GPT, ConfigError
@@ -41,20 +40,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
     job = loop.Job(
         model=GPT(model_cfg), seq_len=config.data.seq_len,
         tokens_per_step=config.data.batch_size * config.data.seq_len,
-        train_iter=data.make_train_iterator(config.data, seed=config.train.seed,
-                                            process_index=jax.process_index(),
-                                            process_count=jax.process_count()),
+        train_iter=data.make_train_iterator(config.data, seed=config.train.seed, **loop.this_host()),
         eval_batches=data.make_eval_batches(config.data, num_batches=config.train.eval_steps,
-                                            process_index=jax.process_index(),
-                                            process_count=jax.process_count()))
+                                            **loop.this_host()))
     return loop.run(config, workdir, job, num_devices, mesh)
 
 
 def main(argv):
-    common.require_config(argv, _CONFIG.value, "configs/gpt1.py:tiny")
-    config = _CONFIG.value
-    if config.train.distributed:
-        loop.initialize_distributed(config.train)
+    config = loop.config_for_run(argv, _CONFIG.value, "configs/gpt1.py:tiny")
     last = train_and_evaluate(config, _WORKDIR.value)
     if "eval/loss" in last:
         entropy = data.unigram_entropy(config.data)
