@@ -6,7 +6,8 @@ python -m experiments.convert --workdir=W --to_hf=DIR
 The first writes OUT/config.json and a step-0 checkpoint (the imported weights, a fresh
 optimizer state), so `experiments.train` fine-tunes from it and sampling and evaluation
 load it like any run. The config's data, optim and train sections come from --config
-(default: configs/gpt2.py:small for GPT-2, configs/gpt1.py for openai-gpt).
+(default: configs/gpt2.py:small for GPT-2, configs/gpt1.py for openai-gpt); an openai-gpt
+checkpoint's own tokenizer.json becomes the run's tokenizer (GPT-2's is built in).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import common
-from gpt import convert
+from gpt import convert, data
 from gpt.checkpoint import Checkpointer
 from gpt.configuration import model_config, validate
 from gpt.model import GPT
@@ -36,6 +37,9 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
         config = gpt2.get_config("small") if cfg.norm_position == "pre" else gpt1.get_config("")
     for key, value in vars(cfg).items():
         config.model[key] = value
+    if convert.architecture(cfg).model_type == "openai-gpt" and os.path.isfile(
+            os.path.join(hf_dir, "tokenizer.json")):  # GPT-1's own BPE, not one learned here
+        config.data.tokenizer = data.HF_PREFIX + os.path.abspath(hf_dir)
     config.data.seq_len = min(config.data.seq_len, cfg.max_len)
     validate(config)
     workdir = common.prepare_workdir(workdir)

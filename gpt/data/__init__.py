@@ -1,10 +1,10 @@
 """Input pipeline: corpus (TFDS) -> tokenizer -> packed windows -> per-host batches."""
 from gpt.data.corpus import CORPORA, TextCorpus, documents, split_document
 from gpt.data.pipeline import count_tokens, make_eval_batches, make_train_iterator, unigram_entropy
-from gpt.data.tokenizers import TOKENIZERS, Tokenizer, get_tokenizer
+from gpt.data.tokenizers import HF_PREFIX, TOKENIZERS, Tokenizer, get_tokenizer
 
 __all__ = [
-    "CORPORA", "TOKENIZERS", "TextCorpus", "Tokenizer", "count_tokens", "documents",
+    "CORPORA", "HF_PREFIX", "TOKENIZERS", "TextCorpus", "Tokenizer", "count_tokens", "documents",
     "get_tokenizer", "make_eval_batches", "make_train_iterator", "split_document",
     "unigram_entropy",
 ]

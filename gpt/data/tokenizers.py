@@ -25,6 +25,7 @@ from gpt.data import corpus
 from gpt.model import ConfigError
 
 TOKENIZERS = ("bytes", "gpt2", "bpe")
+HF_PREFIX = "hf:"  # data.tokenizer = hf:DIR, a Hugging Face checkpoint's tokenizer.json
 EOT = "<|endoftext|>"
 BYTES_EOT_ID = 256  # the first id after the 256 byte values
 
@@ -89,16 +90,21 @@ class Tokenizer:
                                    decode_fn=decode_fn, special_ids={**self.special_ids, **added})
 
 
-def _decode_bytes(ids: list[int]) -> str:
-    """Decodes each run between end-of-text ids on its own, so a cut never merges documents."""
-    runs, run = [], []
-    for i in ids + [BYTES_EOT_ID]:
-        if i == BYTES_EOT_ID:
-            runs.append(bytes(run).decode("utf-8", errors="replace"))
-            run = []
-        else:
-            run.append(i)
-    return EOT.join(runs)
+def _decode_runs(decode_run: Callable[[list[int]], str], eot_id: int) -> Callable[[list[int]], str]:
+    """A decoder for a vocabulary whose end-of-text id is an addition: each run between
+    end-of-text ids is decoded on its own, so a cut never merges documents."""
+
+    def decode(ids: list[int]) -> str:
+        runs, run = [], []
+        for i in ids + [eot_id]:
+            if i == eot_id:
+                runs.append(decode_run(run))
+                run = []
+            else:
+                run.append(i)
+        return EOT.join(runs)
+
+    return decode
 
 
 def bytes_tokenizer() -> Tokenizer:
@@ -106,7 +112,26 @@ def bytes_tokenizer() -> Tokenizer:
     return Tokenizer(
         name="bytes", vocab_size=BYTES_EOT_ID + 1, eot_id=BYTES_EOT_ID,
         encode_fn=lambda text: np.frombuffer(text.encode("utf-8"), dtype=np.uint8),
-        decode_fn=_decode_bytes)
+        decode_fn=_decode_runs(lambda run: bytes(run).decode("utf-8", errors="replace"), BYTES_EOT_ID))
+
+
+def hf_tokenizer(directory: str) -> Tokenizer:
+    """A Hugging Face checkpoint's own tokenizer.json: for openai-gpt, OpenAI's GPT-1 BPE
+    (40,478 ids) as HF's tokenizer runs it (lowercased, BERT-style pre-tokenization; OpenAI
+    used ftfy and spaCy, which HF also falls back from). A vocabulary without
+    "<|endoftext|>" (GPT-1's) gets it as one more id, for pre-training on documents."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data.tokenizer={HF_PREFIX}{directory}: {path} does not exist "
+                                f"(a Hugging Face checkpoint directory has it)")
+    tok = hf_tokenizers.Tokenizer.from_file(path)
+    size, eot = tok.get_vocab_size(), tok.token_to_id(EOT)
+    decode_run = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    return Tokenizer(
+        name=f"{HF_PREFIX}{directory}", vocab_size=size if eot is not None else size + 1,
+        eot_id=eot if eot is not None else size,
+        encode_fn=lambda text: tok.encode(text, add_special_tokens=False).ids,
+        decode_fn=decode_run if eot is not None else _decode_runs(decode_run, size))
 
 
 def _gpt2_file(name: str) -> str:
@@ -200,4 +225,7 @@ def get_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
         return gpt2_tokenizer()
     if data_cfg.tokenizer == "bpe":
         return bpe_tokenizer(data_cfg)
-    raise ConfigError("data.tokenizer", "one of " + ", ".join(TOKENIZERS), data_cfg.tokenizer)
+    if data_cfg.tokenizer.startswith(HF_PREFIX):
+        return hf_tokenizer(data_cfg.tokenizer[len(HF_PREFIX):])
+    raise ConfigError("data.tokenizer", "one of " + ", ".join(TOKENIZERS) + f" or {HF_PREFIX}DIR "
+                      "(a Hugging Face checkpoint's tokenizer.json)", data_cfg.tokenizer)
