@@ -9,6 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gpt.configuration import model_config  # noqa: E402
 from gpt.train_step import create_state, make_mesh, make_steps  # noqa: E402
 from tests.helpers import batches, max_relative_error, model_and_state, tiny_config  # noqa: E402
 
@@ -44,6 +45,32 @@ def main():
         assert err < 1e-5, err
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     restore_onto_another_mesh(state)
+    per_example_eval_outputs()
+
+
+def per_example_eval_outputs():
+    """Fine-tuning's eval returns one score per example: every layout returns all of them,
+    in order, and the same averaged scalars."""
+    from gpt.finetune.model import GPTClassifier, make_evaluate
+    from gpt.optim import make_optimizer
+
+    config = tiny_config()
+    model = GPTClassifier(model_config(config), num_outputs=3)
+    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    state = create_state(model, tx, 0, 8)
+    rng = np.random.default_rng(0)
+    batch = {"tokens": rng.integers(0, 50, (16, 1, 8)).astype(np.int32),
+             "extract": rng.integers(0, 8, (16, 1)).astype(np.int32),
+             "label": rng.integers(0, 3, 16).astype(np.float32), "weight": np.ones(16, np.float32)}
+    outputs = {}
+    for parallelism, mesh in (("jit", None), ("pmap", None), ("mesh", make_mesh(2, 4))):
+        steps = make_steps(model, schedule, parallelism, evaluate=make_evaluate(False), mesh=mesh)
+        outputs[parallelism] = jax.device_get(steps.eval(steps.put_state(state), steps.put_batch(batch)))
+    for parallelism in ("pmap", "mesh"):
+        np.testing.assert_allclose(outputs[parallelism]["scores"], outputs["jit"]["scores"], rtol=1e-5, atol=1e-6)
+        ratio = lambda o: o["loss_sum"] / o["count"]  # noqa: E731 - pmap averages both over devices
+        np.testing.assert_allclose(ratio(outputs[parallelism]), ratio(outputs["jit"]), rtol=1e-5)
+    print("fine-tuning eval: pmap and mesh return jit's per-example scores")
 
 
 def restore_onto_another_mesh(state):
