@@ -19,6 +19,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""  # "" = ./data
     c.data.batch_size = 8  # global, over all devices and hosts
     c.data.seq_len = 128
+    c.data.num_workers = 0  # processes tokenizing train in parallel; 0 = in the main process. Same
+    # batches either way, but a checkpoint resumes only with the number it was saved with
+    c.data.prefetch = 2  # train batches a background thread makes ahead; 0 = on demand
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 6e-4

@@ -143,12 +143,14 @@ def bench_sample(model: GPT, params, prompt_len: int, new_tokens: int, warmup: i
 
 def bench_data(config, warmup: int, repeats: int, batches_per_repeat: int = 20) -> dict:
     """tokens/s of the train iterator (tokenize, pack, batch) on `data.name`; preparing the
-    corpus and the tokenizer happens in the first, untimed batch."""
+    corpus and the tokenizer, and starting the workers, happen in the untimed warm-up."""
     it = data.make_train_iterator(config.data, seed=config.train.seed)
     times = _timed(lambda: [next(it) for _ in range(batches_per_repeat)], warmup, repeats)
+    it.close()
     tokens = batches_per_repeat * config.data.batch_size * config.data.seq_len
     return {"tokens_per_s": tokens / statistics.median(times), "times_s": times,
-            "tokens_per_repeat": tokens, "corpus": config.data.name, "tokenizer": config.data.tokenizer}
+            "tokens_per_repeat": tokens, "corpus": config.data.name, "tokenizer": config.data.tokenizer,
+            "num_workers": config.data.num_workers, "prefetch": config.data.prefetch}
 
 
 # Runs the peer script, then prints its peak RSS in kB the way `_vm_hwm_kb` reads ours.
@@ -276,10 +278,7 @@ def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, prompt_len
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if _CONFIG.value is None:
-        raise ValueError("--config is required, e.g. --config=configs/gpt2.py:small")
+    common.require_config(argv, _CONFIG.value, "configs/gpt2.py:small")
     peers = (["hf-torch"] if _PEER.value or _COMPILE_PEER.value else []) + (
         ["hf-torch-compile"] if _COMPILE_PEER.value else [])
     out = _OUT.value or os.path.join("bench_results", time.strftime("%Y%m%d-%H%M%S") + ".json")

@@ -248,6 +248,33 @@ def test_orbax_checkpoints_the_iterator(cfg, tmp_path):
         np.testing.assert_array_equal(a["inputs"], b["inputs"])
 
 
+def test_workers_make_the_same_batches_and_resume(cfg, tmp_path):
+    """Two tokenizing processes give the batches of one, and a checkpoint of theirs resumes them."""
+    cfg.tokenizer, cfg.seq_len = "bpe", 512  # 12 batches span ~20 documents
+    expected = _take(data.make_train_iterator(cfg, seed=3), 12)
+    cfg.num_workers = 2
+    it = data.make_train_iterator(cfg, seed=3)
+    batches = _take(it, 6)
+    manager = ocp.CheckpointManager(tmp_path)
+    manager.save(6, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    batches += _take(it, 6)
+    it.close()
+    restored = data.make_train_iterator(cfg, seed=3)
+    manager.restore(6, args=ocp.args.Composite(ds=grain.checkpoint.CheckpointRestore(restored)))
+    batches += _take(restored, 6)
+    restored.close()
+    for a, b in zip(expected + expected[6:], batches):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+
+
+@pytest.mark.parametrize("key", ["num_workers", "prefetch"])
+def test_worker_and_prefetch_counts_are_checked(cfg, key):
+    cfg[key] = -1
+    with pytest.raises(ValueError, match=rf"data.{key}=-1 is not allowed: a non-negative"):
+        data.make_train_iterator(cfg, seed=0)
+
+
 def test_batch_size_must_divide(cfg):
     with pytest.raises(ValueError, match="data.batch_size=4 is not allowed: a multiple of the 3"):
         data.make_train_iterator(cfg, seed=0, process_count=3)
@@ -362,7 +389,9 @@ def test_hosts_shards_are_disjoint_and_cover_train(local):
     assert seen[0] | seen[1] == train
 
 
-def test_resume_in_a_new_process(local, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_in_a_new_process(local, tmp_path, num_workers):
+    local.num_workers = num_workers
     it = data.make_train_iterator(local, seed=5)
     _take(it, 7)
     (tmp_path / "state.json").write_text(json.dumps(it.get_state(), default=str))
