@@ -137,8 +137,14 @@ def bench_sample(model: GPT, params, prompt_len: int, new_tokens: int, warmup: i
     first_call_s = _timed(run, 0, 1)[0]
     times = _timed(run, max(warmup - 1, 0), repeats)
     median = statistics.median(times)
+    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    bandwidth = flops.measure_matvec_bandwidth(cols=model.cfg.d_model, dtype=model.cfg.param_dtype)
     return {"tokens_per_s": new_tokens / median, "median_s": median, "times_s": times,
-            "first_call_s": first_call_s, "prompt_len": prompt_len, "new_tokens": new_tokens}
+            "first_call_s": first_call_s, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "weight_bytes": weight_bytes, "weights_read_bytes_per_s": new_tokens / median * weight_bytes,
+            "matvec_bandwidth_bytes_per_s": bandwidth,
+            # each new token reads every weight once: no batch-1 decoder here can beat this
+            "memory_bound_tokens_per_s": bandwidth / weight_bytes}
 
 
 def bench_data(config, warmup: int, repeats: int, batches_per_repeat: int = 20) -> dict:
@@ -215,6 +221,12 @@ def table(results: dict) -> str:
                 + (f"{compile_s:>11.1f}" if compile_s is not None else f"{'':>11}")
                 + (f"{r['peak_memory_mb']:>9.0f}" if "peak_memory_mb" in r else f"{'':>9}")
                 + (f"{ratio:>10.2f}x" if ratio else ""))
+        if what == "sample":
+            lines.append(
+                f"{'sample bound':<22}{ours['memory_bound_tokens_per_s']:>10.1f}  every weight "
+                f"({ours['weight_bytes'] / 1e6:.0f} MB) read once per token at the matrix-vector "
+                f"bandwidth measured now, {ours['matvec_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s "
+                f"(ours reads {ours['weights_read_bytes_per_s'] / 1e9:.1f} GB/s)")
     return "\n".join(lines)
 
 

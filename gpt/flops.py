@@ -50,6 +50,23 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> 
     return 2 * n**3 / best
 
 
+def measure_matvec_bandwidth(rows: int = 50257, cols: int = 768, repeats: int = 10,
+                             dtype=jnp.float32) -> float:
+    """Bytes/s that a matrix-vector product streams from memory (default shape: GPT-2's
+    output embedding, far larger than any cache). A batch-1 decoding step reads every
+    weight once, so weight bytes / this bounds its tokens/s from above."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (rows, cols), dtype)
+    x = jnp.ones((cols,), dtype)
+    matvec = jax.jit(lambda w, x: w @ x)
+    matvec(w, x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matvec(w, x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return w.nbytes / best
+
+
 def memory_per_device(cfg: GPTConfig, n_params: int, batch_per_device: int, seq_len: int,
                       fsdp: int = 1) -> dict[str, float]:
     """Bytes per device of a training step, estimated: float32 parameters, gradients and
