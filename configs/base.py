@@ -16,6 +16,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.text_feature = ""  # TFDS datasets: the feature holding the text; "" = detect
     c.data.tokenizer = "bytes"  # bytes | gpt2 | bpe
     c.data.bpe_merges = 40000  # bpe only: merges learned on the corpus (GPT-1 used 40,000)
+    c.data.bpe_train_chars = 100_000_000  # bpe only: learned from train's first N characters; 0 = all
     c.data.data_dir = ""  # "" = ./data
     c.data.batch_size = 8  # global, over all devices and hosts
     c.data.seq_len = 128

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import math
 
+import jax
 from absl import flags
 from ml_collections import config_flags
+from tqdm import tqdm
 
 from experiments import loop
 from gpt import data
+from gpt.data import corpus
 from gpt.configuration import validate
 from gpt.model import GPT, ConfigError
 
@@ -31,7 +34,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Pre-trains (or resumes); returns the last logged metrics."""
     num_devices, mesh = loop.num_devices_and_mesh(config)
     model_cfg = validate(config, num_devices)
-    tokenizer = data.get_tokenizer(config.data)
+    # Preparing a corpus or learning a BPE (once per data_dir) says so in one line, always, and
+    # draws the libraries' bars on a terminal; other hosts keep quiet.
+    progress = tqdm.write if jax.process_index() == 0 else None
+    corpus.prepare(config.data, progress)
+    tokenizer = data.get_tokenizer(config.data, progress)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError("model.vocab_size",
                           f"at least the tokenizer's vocabulary ({tokenizer.vocab_size})",

@@ -191,6 +191,33 @@ def test_bpe_learns_once_and_round_trips(cfg, monkeypatch):
     assert again.encode(sentence).tolist() == ids.tolist()
 
 
+def test_bpe_learns_from_the_first_characters(cfg, monkeypatch):
+    """A cap learns from train's first documents only, under its own file, the same each time."""
+    cfg.tokenizer, cfg.bpe_train_chars = "bpe", 20_000
+    train = list(data.documents(cfg, "train"))
+    seen, said, learn = [], [], tokenizers._train_bpe
+
+    def recording(texts, merges, progress):
+        seen.append(list(texts()))
+        return learn(texts, merges, progress)
+
+    monkeypatch.setattr(tokenizers, "_train_bpe", recording)
+    capped = data.get_tokenizer(cfg, progress=said.append)
+    assert "".join(seen[0]) == "".join(train)[:20_000]
+    assert seen[0][:-1] == train[:len(seen[0]) - 1] and len(seen[0]) < len(train)
+    assert len(said) == 1 and said[0].startswith("learning 500 BPE merges from the first 20,000 ")
+    path = os.path.join(cfg.data_dir, "tokenizers", f"{capped.name}.json")
+    assert capped.name.endswith("-bpe500-20000chars")
+    learned = open(path).read()
+    os.remove(path)
+    data.get_tokenizer(cfg)
+    assert open(path).read() == learned
+    cfg.bpe_train_chars = 0  # all of train: another file, another vocabulary
+    whole = data.get_tokenizer(cfg)
+    assert "".join(seen[-1]) == "".join(train)
+    assert open(os.path.join(cfg.data_dir, "tokenizers", f"{whole.name}.json")).read() != learned
+
+
 @pytest.mark.parametrize("tokenizer", ["bytes", "gpt2", "bpe"])
 def test_train_batches_are_shifted_windows(cfg, tokenizer):
     cfg.tokenizer = tokenizer
@@ -352,9 +379,14 @@ def test_local_text_files_and_jsonl(local, tmp_path):
 
 
 def test_local_text_edited_is_prepared_again(local, tmp_path):
+    said = []
+    data.corpus.prepare(local, progress=said.append)
+    data.corpus.prepare(local, progress=said.append)  # prepared: reused without a word
     first = data.corpus.corpus_id(local)
     (tmp_path / "corpus" / "doc00.txt").write_text("edited " * 20 + "\n\nthe end")
     assert data.corpus.corpus_id(local) != first
+    data.corpus.prepare(local, progress=said.append)
+    assert [line.split(" in ")[0] for line in said] == [f"preparing {local.name}"] * 2
     assert "edited " * 20 + "\n\n" in list(data.documents(local, "train"))
 
 

@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import io
 import json
 import os
 import sys
@@ -220,28 +221,57 @@ def corpus_id(data_cfg: ml_collections.ConfigDict) -> str:
     return data_cfg.name.replace("/", "_").replace(":", "-")
 
 
+Progress = Callable[[str], None]  # hears one line before long work; see `prepare`
+
+
+def show_bars(progress: Progress | None) -> bool:
+    """Whether the libraries draw their progress bars: when the caller asked for progress,
+    and only to a terminal, since a log gets a bar's every redraw (the line is enough there)."""
+    return progress is not None and sys.stderr.isatty()
+
+
 @contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Keeps TFDS's bars off while we prepare, and restores whatever the caller had."""
+def _tfds_output(shown: bool) -> Iterator[None]:
+    """TFDS's progress bars on or off, and its own printed lines (whose sizes read "Unknown
+    size" for our corpora) dropped; restores the caller's bar setting after."""
     was_on = tqdm_utils._active  # pylint: disable=protected-access
-    tfds.display_progress_bar(False)
+    tfds.display_progress_bar(shown)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         tfds.display_progress_bar(was_on)
 
 
-def _text_corpus_source(data_cfg: ml_collections.ConfigDict, split: str):
-    """pydoc or the user's files, prepared on first use."""
+def _is_text_corpus(data_cfg: ml_collections.ConfigDict) -> bool:
+    return data_cfg.name in CORPORA or data_cfg.name.startswith(LOCAL_PREFIX)
+
+
+def _text_corpus(data_cfg: ml_collections.ConfigDict,
+                 progress: Progress | None = None) -> TextCorpus:
+    """pydoc or the user's files, prepared on first use and reused after."""
     if data_cfg.name.startswith(LOCAL_PREFIX):
         config = _local_config(data_cfg.name[len(LOCAL_PREFIX):])
     else:
         config = data_cfg.name
     builder = TextCorpus(config=config, data_dir=data_dir(data_cfg), file_format="array_record")
-    with _no_progress_bars():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return builder.as_data_source(split=split)
+    if not builder.is_prepared():
+        if progress:
+            progress(f"preparing {data_cfg.name} in {builder.data_dir} (once: later runs reuse it)")
+        with _tfds_output(show_bars(progress)):
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return builder
+
+
+def prepare(data_cfg: ml_collections.ConfigDict, progress: Progress | None = None) -> None:
+    """Makes `data.name` readable: prepares a built-in or local corpus if it is not yet, and
+    checks that a TFDS dataset is (the error says how to prepare it). With `progress`, the
+    caller hears one line before preparing, and TFDS draws its bars (`show_bars`)."""
+    if _is_text_corpus(data_cfg):
+        _text_corpus(data_cfg, progress)
+    else:
+        prepared_builder(data_cfg)
 
 
 def _tfds_builder(data_cfg: ml_collections.ConfigDict, key: str) -> tfds.core.DatasetBuilder:
@@ -335,8 +365,8 @@ def documents(data_cfg: ml_collections.ConfigDict, split: str) -> grain.MapDatas
     prepared on first use, a TFDS dataset must be prepared already."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not allowed: one of {', '.join(SPLITS)}")
-    if data_cfg.name in CORPORA or data_cfg.name.startswith(LOCAL_PREFIX):
-        source, feature = _text_corpus_source(data_cfg, split), "text"
+    if _is_text_corpus(data_cfg):
+        source, feature = _text_corpus(data_cfg).as_data_source(split=split), "text"
     else:
         source, feature = _tfds_source(data_cfg, split)
     return grain.MapDataset.source(source).map(lambda example: _as_str(example[feature]))

@@ -7,13 +7,15 @@ nor any other special token; special ids are placed by code, by `special_ids`.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
 import importlib.util
+import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -175,35 +177,74 @@ def _untrained_bpe() -> hf_tokenizers.Tokenizer:
     return tok
 
 
-def _bpe_trainer(vocab_size: int) -> hf_tokenizers.trainers.BpeTrainer:
-    return hf_tokenizers.trainers.BpeTrainer(
-        vocab_size=vocab_size, limit_alphabet=BPE_ALPHABET, special_tokens=[EOT, BPE_UNK],
-        end_of_word_suffix="</w>", show_progress=False)
+def _bpe_alphabet(texts: Iterable[str], normalizer) -> list[str]:
+    """The BPE_ALPHABET most frequent characters of the normalized texts, whitespace aside,
+    ties to the lower code point, in code point order."""
+    counts = collections.Counter()
+    for text in texts:
+        counts.update(normalizer.normalize_str(text))
+    ranked = sorted((c for c in counts if not c.isspace()), key=lambda c: (-counts[c], c))
+    return sorted(ranked[:BPE_ALPHABET])
 
 
-def _train_bpe(texts: Iterable[str], merges: int) -> hf_tokenizers.Tokenizer:
-    """Learns `merges` merges on `texts`, as GPT-1 learned 40,000 on BooksCorpus.
+def _train_bpe(texts: Callable[[], Iterator[str]], merges: int,
+               progress: bool = False) -> hf_tokenizers.Tokenizer:
+    """Learns `merges` merges on the texts that each call of `texts` yields, as GPT-1
+    learned 40,000 on BooksCorpus; `progress` shows Hugging Face's progress bars.
 
-    The trainer stops at a vocabulary size, not a merge count, so a first pass
-    with no merges measures the alphabet (characters, each also with "</w>",
-    plus the special tokens) and the second asks for alphabet + merges. A corpus
-    with fewer distinct pairs yields fewer merges.
+    The symbols before any merge are GPT-1's: each character of the alphabet alone
+    and with "</w>". Hugging Face's trainer numbers the "</w>" forms in hash order
+    and breaks ties between equally frequent pairs by those numbers, so the same
+    text would learn different merges each time; given as special tokens in a fixed
+    order (and made ordinary ones after), they make the result the same every time.
     """
-    alphabet = _untrained_bpe()
-    alphabet.train_from_iterator(iter(texts), _bpe_trainer(0))
     tok = _untrained_bpe()
-    tok.train_from_iterator(iter(texts), _bpe_trainer(alphabet.get_vocab_size() + merges))
-    return tok
+    alphabet = _bpe_alphabet(texts(), tok.normalizer)
+    word_ends = [c + "</w>" for c in alphabet]
+    trainer = hf_tokenizers.trainers.BpeTrainer(
+        vocab_size=2 + 2 * len(alphabet) + merges, special_tokens=[EOT, BPE_UNK, *word_ends],
+        initial_alphabet=alphabet, limit_alphabet=len(alphabet), end_of_word_suffix="</w>",
+        show_progress=progress)
+    tok.train_from_iterator(texts(), trainer)
+    learned = json.loads(tok.to_str())
+    learned["added_tokens"] = [t for t in learned["added_tokens"] if t["content"] in (EOT, BPE_UNK)]
+    return hf_tokenizers.Tokenizer.from_str(json.dumps(learned))
 
 
-def bpe_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
-    """A GPT-1-style BPE learned on the train split of `data.name`, cached under data_dir."""
-    name = f"{corpus.corpus_id(data_cfg)}-bpe{data_cfg.bpe_merges}"
+def _first_chars(texts: Iterable[str], limit: int) -> Iterator[str]:
+    """`texts` in order until `limit` characters in all, the last one cut to fit; 0: all."""
+    if not limit:
+        yield from texts
+        return
+    for text in texts:
+        yield text[:limit]
+        limit -= len(text)
+        if limit <= 0:
+            return
+
+
+def bpe_tokenizer(data_cfg: ml_collections.ConfigDict,
+                  progress: corpus.Progress | None = None) -> Tokenizer:
+    """A GPT-1-style BPE learned on the first `data.bpe_train_chars` characters of the train
+    split of `data.name` (0: all of it), cached under data_dir by a name that holds the cap.
+    With `progress`, the caller hears one line before learning (bars: `corpus.show_bars`)."""
+    train_chars = data_cfg.get("bpe_train_chars", 0)  # configs saved before the key learned on all
+    if train_chars < 0:
+        raise ConfigError("data.bpe_train_chars", "a non-negative number of characters (0: all)",
+                          train_chars)
+    name = f"{corpus.corpus_id(data_cfg)}-bpe{data_cfg.bpe_merges}" + (
+        f"-{train_chars}chars" if train_chars else "")
     path = os.path.join(corpus.data_dir(data_cfg), "tokenizers", f"{name}.json")
     if os.path.exists(path):
         tok = hf_tokenizers.Tokenizer.from_file(path)
     else:
-        tok = _train_bpe(corpus.documents(data_cfg, "train"), data_cfg.bpe_merges)
+        if progress:
+            what = f"the first {train_chars:,} characters" if train_chars else "all"
+            progress(f"learning {data_cfg.bpe_merges:,} BPE merges from {what} of {data_cfg.name} "
+                     f"train into {path} (once: later runs reuse it)")
+        docs = corpus.documents(data_cfg, "train")
+        tok = _train_bpe(lambda: _first_chars(docs, train_chars), data_cfg.bpe_merges,
+                         corpus.show_bars(progress))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # Write then rename, so concurrent hosts or a crash never leave half a file.
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
@@ -217,14 +258,15 @@ def bpe_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
         decode_fn=lambda ids: tok.decode(ids, skip_special_tokens=False))
 
 
-def get_tokenizer(data_cfg: ml_collections.ConfigDict) -> Tokenizer:
-    """The tokenizer `data.tokenizer` names."""
+def get_tokenizer(data_cfg: ml_collections.ConfigDict,
+                  progress: corpus.Progress | None = None) -> Tokenizer:
+    """The tokenizer `data.tokenizer` names; `progress`: see `bpe_tokenizer`."""
     if data_cfg.tokenizer == "bytes":
         return bytes_tokenizer()
     if data_cfg.tokenizer == "gpt2":
         return gpt2_tokenizer()
     if data_cfg.tokenizer == "bpe":
-        return bpe_tokenizer(data_cfg)
+        return bpe_tokenizer(data_cfg, progress)
     if data_cfg.tokenizer.startswith(HF_PREFIX):
         return hf_tokenizer(data_cfg.tokenizer[len(HF_PREFIX):])
     raise ConfigError("data.tokenizer", "one of " + ", ".join(TOKENIZERS) + f" or {HF_PREFIX}DIR "
