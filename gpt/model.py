@@ -243,6 +243,12 @@ class GPT(nn.Module):
                 cfg.vocab_size, use_bias=False, kernel_init=nn.initializers.normal(cfg.init_std),
                 dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="lm_head")
 
+    @property
+    def uses_dropout(self) -> bool:
+        """Whether training needs a dropout key (no key, no RNG work when every rate is 0)."""
+        c = self.cfg
+        return max(c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) > 0
+
     def example_inputs(self, seq_len: int) -> tuple:
         """Arguments of one __call__ with a batch of 1, for `init`."""
         return (jnp.zeros((1, seq_len), jnp.int32),)

@@ -50,11 +50,6 @@ def cross_entropy(logits_BxTxV, targets_BxT) -> jax.Array:
         logits_BxTxV.astype(jnp.float32), targets_BxT).mean()
 
 
-def _uses_dropout(model: GPT) -> bool:
-    c = model.cfg
-    return max(c.embd_pdrop, c.resid_pdrop, c.attn_pdrop) > 0
-
-
 # (params, apply_fn, batch, dropout rng, train) -> (loss, {name: scalar metric})
 Loss = Callable[..., tuple[jax.Array, dict]]
 # (params, apply_fn, batch) -> {name: scalar averaged over the batch, or per-example array}
@@ -201,7 +196,7 @@ def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int 
                skip_nonfinite: bool = False, poison_step: int = 0,
                mesh: jax.sharding.Mesh | None = None) -> Steps:
     step = functools.partial(train_step, schedule=schedule, loss=loss, accum_steps=accum_steps,
-                             dropout=_uses_dropout(model), skip_nonfinite=skip_nonfinite,
+                             dropout=model.uses_dropout, skip_nonfinite=skip_nonfinite,
                              poison_step=poison_step)
     evaluate_step = functools.partial(eval_step, evaluate=evaluate)
     if parallelism == "jit":

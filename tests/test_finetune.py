@@ -263,3 +263,15 @@ def test_command_line(pretrained, synthetic, tmp_path):
               f"--config.data.data_dir={tmp_path / 'empty'}")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("error: task.name='glue/sst2': the TFDS dataset glue/sst2 is not prepared")
+
+
+def test_classifier_dropout_alone_turns_dropout_on():
+    """With the stack's rates at 0 the train step must still pass a dropout key for the
+    classifier's 0.1, and then the training loss differs from the deterministic one."""
+    cfg, model, params, batch = _model_and_batch()
+    dropped = model.clone(clf_pdrop=0.5)
+    assert dropped.uses_dropout and not GPT(cfg).uses_dropout
+    loss = make_loss(0.0, False)
+    train_loss, _ = loss(params, dropped.apply, batch, jax.random.PRNGKey(0), True)
+    eval_loss, _ = loss(params, dropped.apply, batch, None, False)
+    assert float(train_loss) != pytest.approx(float(eval_loss), rel=1e-6)

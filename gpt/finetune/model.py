@@ -29,6 +29,10 @@ class GPTClassifier(GPT):
     multiple_choice: bool = False
     clf_pdrop: float = 0.1
 
+    @property
+    def uses_dropout(self) -> bool:
+        return super().uses_dropout or self.clf_pdrop > 0
+
     def example_inputs(self, seq_len: int) -> tuple:
         return (jnp.zeros((1, self.num_sequences, seq_len), jnp.int32),
                 jnp.zeros((1, self.num_sequences), jnp.int32))
