@@ -198,7 +198,7 @@ def test_bpe_learns_from_the_first_characters(cfg, monkeypatch):
     seen, said, learn = [], [], tokenizers._train_bpe
 
     def recording(texts, merges, progress):
-        seen.append(list(texts()))
+        seen.append(list(texts))
         return learn(texts, merges, progress)
 
     monkeypatch.setattr(tokenizers, "_train_bpe", recording)

@@ -187,10 +187,9 @@ def _bpe_alphabet(texts: Iterable[str], normalizer) -> list[str]:
     return sorted(ranked[:BPE_ALPHABET])
 
 
-def _train_bpe(texts: Callable[[], Iterator[str]], merges: int,
-               progress: bool = False) -> hf_tokenizers.Tokenizer:
-    """Learns `merges` merges on the texts that each call of `texts` yields, as GPT-1
-    learned 40,000 on BooksCorpus; `progress` shows Hugging Face's progress bars.
+def _train_bpe(texts: Iterable[str], merges: int, progress: bool = False) -> hf_tokenizers.Tokenizer:
+    """Learns `merges` merges on `texts` (read twice: a list or a dataset, not a generator),
+    as GPT-1 learned 40,000 on BooksCorpus; `progress` shows Hugging Face's progress bars.
 
     The symbols before any merge are GPT-1's: each character of the alphabet alone
     and with "</w>". Hugging Face's trainer numbers the "</w>" forms in hash order
@@ -199,28 +198,36 @@ def _train_bpe(texts: Callable[[], Iterator[str]], merges: int,
     order (and made ordinary ones after), they make the result the same every time.
     """
     tok = _untrained_bpe()
-    alphabet = _bpe_alphabet(texts(), tok.normalizer)
+    alphabet = _bpe_alphabet(texts, tok.normalizer)
     word_ends = [c + "</w>" for c in alphabet]
     trainer = hf_tokenizers.trainers.BpeTrainer(
         vocab_size=2 + 2 * len(alphabet) + merges, special_tokens=[EOT, BPE_UNK, *word_ends],
         initial_alphabet=alphabet, limit_alphabet=len(alphabet), end_of_word_suffix="</w>",
         show_progress=progress)
-    tok.train_from_iterator(texts(), trainer)
+    tok.train_from_iterator(iter(texts), trainer)
     learned = json.loads(tok.to_str())
     learned["added_tokens"] = [t for t in learned["added_tokens"] if t["content"] in (EOT, BPE_UNK)]
     return hf_tokenizers.Tokenizer.from_str(json.dumps(learned))
 
 
-def _first_chars(texts: Iterable[str], limit: int) -> Iterator[str]:
-    """`texts` in order until `limit` characters in all, the last one cut to fit; 0: all."""
-    if not limit:
-        yield from texts
-        return
-    for text in texts:
-        yield text[:limit]
-        limit -= len(text)
-        if limit <= 0:
+@dataclasses.dataclass(frozen=True)
+class _FirstChars:
+    """`texts` in order until `limit` characters in all, the last one cut to fit (0: all);
+    iterable as often as `texts` is."""
+
+    texts: Iterable[str]
+    limit: int
+
+    def __iter__(self) -> Iterator[str]:
+        if not self.limit:
+            yield from self.texts
             return
+        left = self.limit
+        for text in self.texts:
+            yield text[:left]
+            left -= len(text)
+            if left <= 0:
+                return
 
 
 def bpe_tokenizer(data_cfg: ml_collections.ConfigDict,
@@ -242,9 +249,8 @@ def bpe_tokenizer(data_cfg: ml_collections.ConfigDict,
             what = f"the first {train_chars:,} characters" if train_chars else "all"
             progress(f"learning {data_cfg.bpe_merges:,} BPE merges from {what} of {data_cfg.name} "
                      f"train into {path} (once: later runs reuse it)")
-        docs = corpus.documents(data_cfg, "train")
-        tok = _train_bpe(lambda: _first_chars(docs, train_chars), data_cfg.bpe_merges,
-                         corpus.show_bars(progress))
+        tok = _train_bpe(_FirstChars(corpus.documents(data_cfg, "train"), train_chars),
+                         data_cfg.bpe_merges, corpus.show_bars(progress))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # Write then rename, so concurrent hosts or a crash never leave half a file.
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
