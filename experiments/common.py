@@ -54,6 +54,11 @@ def run_program(main) -> None:
         _fail(last_line(e), "" if VERBOSE.value else " (--verbose shows the traceback)")
 
 
+def to_stderr(line: str) -> None:
+    """Progress for programs whose stdout is their result (JSON, a sample)."""
+    print(line, file=sys.stderr)
+
+
 def require_config(argv, config, example: str) -> None:
     """The checks every config-driven program makes first: no stray arguments, a --config."""
     if len(argv) > 1:

@@ -63,6 +63,7 @@ def texts(config, dataset: str, split: str, feature: str) -> tuple[str, Iterable
         return os.path.splitext(os.path.basename(dataset))[0], _jsonl_texts(dataset, feature)
     data_cfg = config.data.copy_and_resolve_references()
     data_cfg.name, data_cfg.text_feature = dataset, feature
+    corpus.prepare(data_cfg, common.to_stderr)
     return f"{corpus.corpus_id(data_cfg)}_{split}", data.documents(data_cfg, split)
 
 
@@ -74,7 +75,7 @@ def evaluate(workdir: str) -> dict:
     config, model, params = common.load_run(workdir)
     task = _TASK.value
     dataset = _DATASET.value or (config.data.name if task == "perplexity" else "lambada")
-    tokenizer = data.get_tokenizer(config.data)
+    tokenizer = data.get_tokenizer(config.data, common.to_stderr)
     name, items = texts(config, dataset, _SPLIT.value, _FEATURE.value)
     if _LIMIT.value:
         items = itertools.islice(items, _LIMIT.value)

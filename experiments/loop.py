@@ -116,6 +116,11 @@ def _resume(ckpt: Checkpointer, state, train_iter, config, workdir: str):
     return (restored, step) if restored is not None else (state, None)
 
 
+def progress():
+    """Where data preparation and BPE learning say what they do: process 0's log, else nowhere."""
+    return tqdm.write if jax.process_index() == 0 else None
+
+
 def this_host() -> dict:
     """Which slice of the data this process reads: the data pipelines' keyword arguments."""
     return {"process_index": jax.process_index(), "process_count": jax.process_count()}

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import math
 
-import jax
 from absl import flags
 from ml_collections import config_flags
-from tqdm import tqdm
 
 from experiments import loop
 from gpt import data
@@ -36,7 +34,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model_cfg = validate(config, num_devices)
     # Preparing a corpus or learning a BPE (once per data_dir) says so in one line, always, and
     # draws the libraries' bars on a terminal; other hosts keep quiet.
-    progress = tqdm.write if jax.process_index() == 0 else None
+    progress = loop.progress()
     corpus.prepare(config.data, progress)
     tokenizer = data.get_tokenizer(config.data, progress)
     if tokenizer.vocab_size > model_cfg.vocab_size:
