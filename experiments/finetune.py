@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import ml_collections
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
@@ -25,19 +26,19 @@ from gpt.finetune.model import GPTClassifier, load_pretrained, make_evaluate, ma
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, logs and checkpoints.")
 
-# The pre-trained run's keys that fine-tuning keeps: its architecture and its tokenizer.
-_PRETRAINED_DATA_KEYS = ("name", "text_feature", "tokenizer", "bpe_merges", "data_dir")
+# What fine-tuning sets itself; every other model and data key is the pre-trained run's (its
+# architecture, its tokenizer and what that tokenizer was learned from).
 _FINETUNE_MODEL_KEYS = ("embd_pdrop", "resid_pdrop", "attn_pdrop")
+_FINETUNE_DATA_KEYS = ("batch_size", "seq_len")
 
 
 def _adopt_pretrained(config):
-    """Takes the pre-trained run's model and tokenizer into `config`; returns its params."""
+    """Takes the pre-trained run's model and data sections into `config`; returns its params."""
     pre_config, _, params = common.load_run(config.init_from)
-    for key, value in pre_config.model.items():
-        if key not in _FINETUNE_MODEL_KEYS:
-            config.model[key] = value
-    for key in _PRETRAINED_DATA_KEYS:
-        config.data[key] = pre_config.data[key]
+    for section, own_keys in (("model", _FINETUNE_MODEL_KEYS), ("data", _FINETUNE_DATA_KEYS)):
+        own = {key: config[section][key] for key in own_keys}
+        config[section] = ml_collections.ConfigDict(pre_config[section].to_dict())
+        config[section].update(own)
     return params
 
 

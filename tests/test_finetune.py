@@ -219,6 +219,9 @@ def test_finetuning_learns_well_above_chance(pretrained, synthetic, tmp_path, ki
     assert {"eval/accuracy", "eval/loss", "train/task_loss", "train/lm_loss"} <= set(records[-1])
     saved = json.load(open(tmp_path / "config.json"))
     assert saved["model"]["vocab_size"] == 260 and saved["optim"]["warmup_steps"] == round(0.002 * 160)
+    pre = json.load(open(os.path.join(pretrained, "config.json")))
+    tokenizer_keys = lambda d: {k: v for k, v in d.items() if k not in ("batch_size", "seq_len")}  # noqa: E731
+    assert tokenizer_keys(saved["data"]) == tokenizer_keys(pre["data"])  # the run's tokenizer, exactly
 
 
 def test_lambda_zero_drops_the_lm_term(pretrained, synthetic, tmp_path):
