@@ -16,11 +16,6 @@ def run(module, *args, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     """GPT-2 tiny for 150 steps; the same command run a second time must resume."""
     workdir = str(tmp_path_factory.mktemp("run"))

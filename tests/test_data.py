@@ -18,12 +18,6 @@ from gpt import data
 from gpt.data import tokenizers
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """One prepared corpus (and learned BPE) shared by the module's tests."""
-    return str(tmp_path_factory.mktemp("data"))
-
-
 @pytest.fixture
 def cfg(data_dir):
     c = get_base_config().data

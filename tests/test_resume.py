@@ -53,11 +53,6 @@ def _wait_for_step(workdir, step, proc, timeout=300):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir):
     workdir = str(tmp_path_factory.mktemp("reference"))
     result = run("experiments.train", *_args(workdir, data_dir))
