@@ -61,8 +61,6 @@ def finetune(config, workdir: str) -> dict:
     config.data.seq_len = min(config.data.seq_len, config.model.max_len)
     num_devices, mesh = loop.num_devices_and_mesh(config)
     model_cfg = validate(config, num_devices)
-    if pretrained is not None and pretrained["wte"]["embedding"].shape[0] > model_cfg.vocab_size:
-        raise ValueError("init_from: the pre-trained vocabulary is larger than model.vocab_size")
 
     max_len = config.data.seq_len
     train_split = pipeline.encode(tasks.load_examples(task, config.task, "train", config.data.data_dir),
@@ -76,13 +74,11 @@ def finetune(config, workdir: str) -> dict:
     if config.optim.warmup_fraction > 0:
         config.optim.warmup_steps = round(config.optim.warmup_fraction * config.train.steps)
 
-    num_sequences = (task.num_labels if task.format == "multiple_choice"
-                     else 2 if task.format == "similarity" else 1)
-    model = GPTClassifier(model_cfg, num_outputs=task.num_labels, num_sequences=num_sequences,
+    model = GPTClassifier(model_cfg, num_outputs=task.num_labels, num_sequences=task.num_sequences,
                           multiple_choice=task.format == "multiple_choice",
                           clf_pdrop=config.finetune.clf_pdrop)
     job = loop.Job(
-        model=model, seq_len=length, tokens_per_step=batch_size * num_sequences * length,
+        model=model, seq_len=length, tokens_per_step=batch_size * task.num_sequences * length,
         train_iter=pipeline.make_train_iterator(train_split, length, batch_size,
                                                 seed=config.train.seed, **loop.this_host()),
         eval_batches=pipeline.make_eval_batches(eval_split, length, batch_size, **loop.this_host()),

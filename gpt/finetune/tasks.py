@@ -34,6 +34,13 @@ class Task:
     examples: Callable[[dict], Iterable[Example]] | None = None  # TFDS row -> examples
 
     @property
+    def num_sequences(self) -> int:
+        """Token sequences per example: one per answer, both orders, or one."""
+        if self.format == "multiple_choice":
+            return self.num_labels
+        return 2 if self.format == "similarity" else 1
+
+    @property
     def regression(self) -> bool:
         return self.format != "multiple_choice" and self.num_labels == 1
 
