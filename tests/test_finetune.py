@@ -278,3 +278,18 @@ def test_classifier_dropout_alone_turns_dropout_on():
     train_loss, _ = loss(params, dropped.apply, batch, jax.random.PRNGKey(0), True)
     eval_loss, _ = loss(params, dropped.apply, batch, None, False)
     assert float(train_loss) != pytest.approx(float(eval_loss), rel=1e-6)
+
+
+def test_task_prepared_as_tfrecord_is_one_line(monkeypatch):
+    """TFDS prepares GLUE as TFRecord by default, which only TensorFlow reads: the error says
+    so and how to prepare ArrayRecord, naming the task key."""
+    import tensorflow_datasets as tfds
+
+    def tfrecord_only(self, split):
+        raise NotImplementedError("TFRecord")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "is_prepared", lambda self: True)
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "as_data_source", tfrecord_only)
+    c = get_finetune_config("sst2")
+    with pytest.raises(ValueError, match=r"^task.name='glue/sst2': .* not ArrayRecord; prepare it again"):
+        tasks.load_examples(tasks.get_task(c.task), c.task, "train")

@@ -333,13 +333,25 @@ def _tfds_source(data_cfg: ml_collections.ConfigDict, split: str):
     else:
         tfds_split = (f"train[-{TFDS_HELD_OUT}:]" if held_out
                       else "validation" if "validation" in splits else "test")
+    return _as_source(builder, tfds_split, name), feature
+
+
+def _as_source(builder: tfds.core.DatasetBuilder, split: str, name: str, key: str = "data.name"):
+    """A split of a prepared dataset for random access, without TensorFlow."""
     try:
-        return builder.as_data_source(split=tfds_split), feature
+        return builder.as_data_source(split=split)
     except NotImplementedError:  # prepared, but as TFRecord, which TFDS reads only with TensorFlow
         raise ValueError(
-            f"data.name={name!r}: {builder.data_dir} holds it as "
+            f"{key}={name!r}: {builder.data_dir} holds it as "
             f"{builder.info.file_format.value}, not ArrayRecord; prepare it again into another "
             f"data.data_dir: {_how_to_prepare(builder, name)}") from None
+
+
+def tfds_split(name: str, split: str, data_dir: str = "", key: str = "data.name"):
+    """Any split (TFDS split syntax) of the prepared TFDS dataset `name`, for random access;
+    errors name `key`."""
+    data_cfg = ml_collections.ConfigDict({"name": name, "data_dir": data_dir})
+    return _as_source(prepared_builder(data_cfg, key), split, name, key)
 
 
 def _text_feature(features: tfds.features.FeaturesDict,

@@ -165,7 +165,5 @@ def load_examples(task: Task, task_cfg: ml_collections.ConfigDict, split: str,
         directory = task_cfg.name[len(JSONL_PREFIX):]
         return _jsonl_examples(os.path.join(directory, f"{tfds_split}.jsonl"),
                                task.format, task.num_labels)
-    builder = corpus.prepared_builder(
-        ml_collections.ConfigDict({"name": task.tfds_name, "data_dir": data_dir}), key="task.name")
-    source = builder.as_data_source(split=tfds_split)
+    source = corpus.tfds_split(task.tfds_name, tfds_split, data_dir, key="task.name")
     return [example for i in range(len(source)) for example in task.examples(source[i])]
