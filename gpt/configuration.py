@@ -57,6 +57,7 @@ RESUME_SAFE = (
     "train.skip_nonfinite", "train.poison_step", "train.distributed", "train.num_processes",
     "train.process_id",
     "model.embd_pdrop", "model.resid_pdrop", "model.attn_pdrop", "model.remat", "model.attention",
+    "model.attention_block",
     "data.data_dir", "data.prefetch",
     "optim.lr", "optim.end_lr", "optim.warmup_steps", "optim.schedule",
 )

@@ -154,6 +154,7 @@ def test_untied_head_and_dtype():
     ("activation", "swish", "model.activation"),
     ("attn_pdrop", 1.5, "model.attn_pdrop"),
     ("n_layer", 0, "model.n_layer"),
+    ("attention_block", -1, "model.attention_block"),
 ])
 def test_bad_config_names_the_key(field, value, key):
     with pytest.raises(ConfigError, match=key):
@@ -179,10 +180,11 @@ def _loss_and_grads(cfg, params, tokens):
 @pytest.mark.parametrize("norm_position, variant", [
     ("pre", dict(scan_layers=True)), ("pre", dict(remat="full")), ("pre", dict(remat="dots")),
     ("pre", dict(attention="dot_product")), ("post", dict(scan_layers=True, remat="full")),
+    ("pre", dict(attention_block=4)), ("post", dict(attention_block=3, scan_layers=True)),
 ])
 def test_layouts_compute_the_same(norm_position, variant):
-    """Scanned vs unrolled blocks, rematerialised vs not, fused vs einsum attention: the same
-    loss and gradients (1e-5)."""
+    """Scanned vs unrolled blocks, rematerialised vs not, fused vs einsum attention, causal
+    query blocks vs one block: the same loss and gradients (1e-5)."""
     cfg = dataclasses.replace(TINY, n_layer=3, norm_position=norm_position, final_norm=norm_position == "pre")
     other = dataclasses.replace(cfg, **variant)
     params = _init(cfg)
