@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -102,10 +103,14 @@ def bench_train(config, model: GPT, state, schedule, peak_flops: float, warmup: 
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
 
+    faults = []
+
     def step():
         nonlocal state
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         state, metrics = compiled(state, batch)  # the state is donated: always pass the newest
         jax.block_until_ready(metrics)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
     times = _timed(step, warmup, repeats)
     median = statistics.median(times)
@@ -118,6 +123,8 @@ def bench_train(config, model: GPT, state, schedule, peak_flops: float, warmup: 
             "mfu": flops.mfu(tokens / median, per_token, peak_flops),
             "flops_per_token": per_token, "params": n_params, "tokens_per_step": tokens,
             "lower_s": lower_s, "compile_s": compile_s,
+            # 4 KiB page faults on fresh temporaries cost much of a CPU step without huge pages
+            "page_faults_per_step": statistics.median(faults[-repeats:]),
             "peak_memory_mb": memory_mb, "memory_source": memory_source}, state
 
 
@@ -221,6 +228,9 @@ def table(results: dict) -> str:
                 + (f"{compile_s:>11.1f}" if compile_s is not None else f"{'':>11}")
                 + (f"{r['peak_memory_mb']:>9.0f}" if "peak_memory_mb" in r else f"{'':>9}")
                 + (f"{ratio:>10.2f}x" if ratio else ""))
+        if what == "train" and "page_faults_per_step" in ours:
+            lines.append(f"{'train page faults':<22}{ours['page_faults_per_step']:>10.0f}  per step, "
+                         f"ours (GLIBC_TUNABLES={results['machine'].get('glibc_tunables') or 'unset'})")
         if what == "sample":
             lines.append(
                 f"{'sample bound':<22}{ours['memory_bound_tokens_per_s']:>10.1f}  every weight "
@@ -260,7 +270,8 @@ def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, prompt_len
                  + ([f"ours and the peer pinned to {cpus} CPU(s)"] if cpus else []),
         "machine": {"platform": device.platform, "device_kind": device.device_kind,
                     "cpus": len(os.sched_getaffinity(0)), "host": platform.node(),
-                    "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
+                    "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                    "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "matmul_peak_flops": flops.measure_matmul_flops(dtype=model.cfg.dtype),
         "ratios": {},

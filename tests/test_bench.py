@@ -2,6 +2,7 @@
 Timings are not checked: they belong to the benchmark, not the tests."""
 import json
 
+import experiments
 from tests.test_cli import run
 
 
@@ -17,10 +18,12 @@ def test_bench_writes_every_measurement(tmp_path):
     assert {"shape", "notes", "machine", "matmul_peak_flops", "ratios", "train", "sample", "data"} <= set(results)
     train = results["train"]
     for key in ("tokens_per_s", "model_flops_per_s", "mfu", "lower_s", "compile_s", "peak_memory_mb",
-                "memory_source", "step_times_s"):
+                "memory_source", "step_times_s", "page_faults_per_step"):
         assert key in train, key
     assert len(train["step_times_s"]) == 1 and train["tokens_per_step"] == 64
     assert "tokens_per_s" in results["sample"] or results["sample"]["skipped"].startswith("sampling:")
     assert results["data"]["tokens_per_s"] > 0
     assert "train ours" in result.stdout and "MFU" in result.stdout
+    # started with -m, the program re-executed itself with huge pages where the kernel wants them asked
+    assert (experiments.TUNABLE + "=1" in results["machine"]["glibc_tunables"]) == experiments._wants_huge_pages()
 
