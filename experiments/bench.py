@@ -83,7 +83,7 @@ def _vm_hwm_kb() -> int:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
 
 
-def _random_batch(config, rng: np.random.Generator):
+def random_batch(config, rng: np.random.Generator):
     """Uniform token ids, as the peer uses: speed does not depend on the text."""
     tokens = rng.integers(0, config.model.vocab_size,
                           (config.data.batch_size, config.data.seq_len + 1)).astype(np.int32)
@@ -95,7 +95,7 @@ def bench_train(config, model: GPT, state, schedule, peak_flops: float, warmup: 
     """tokens/s, FLOP/s and MFU of one jitted train step, lowering and compilation timed
     apart; returns (results, the final state), as the step donates the state it is given."""
     steps = make_steps(model, schedule, "jit", accum_steps=1)
-    batch = jax.device_put(_random_batch(config, np.random.default_rng(0)))
+    batch = jax.device_put(random_batch(config, np.random.default_rng(0)))
     start = time.perf_counter()
     lowered = steps.train.lower(state, batch)
     lower_s = time.perf_counter() - start

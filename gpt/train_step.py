@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from gpt.compiler import default_compiler_options
 from gpt.model import GPT
 
 PARALLELISMS = ("jit", "pmap", "mesh")
@@ -167,7 +168,7 @@ def fsdp_shardings(mesh: jax.sharding.Mesh, tree):
     return jax.tree_util.tree_map(sharding, tree)
 
 
-def _mesh_steps(step, evaluate, mesh: jax.sharding.Mesh) -> Steps:
+def _mesh_steps(step, evaluate, mesh: jax.sharding.Mesh, options: dict) -> Steps:
     """jit over a (data, fsdp) mesh: the batch is split over both axes, the state along fsdp;
     XLA inserts the all-gathers and reduce-scatters."""
     P = jax.sharding.PartitionSpec
@@ -179,14 +180,16 @@ def _mesh_steps(step, evaluate, mesh: jax.sharding.Mesh) -> Steps:
     def train(state, batch):
         if "train" not in compiled:  # the state's shardings are known once it exists
             out = (jax.tree_util.tree_map(lambda x: x.sharding, state), replicated)
-            compiled["train"] = jax.jit(step, out_shardings=out, donate_argnums=0)
+            compiled["train"] = jax.jit(step, out_shardings=out, donate_argnums=0,
+                                        compiler_options=options)
         return compiled["train"](state, batch)
 
     def put_batch(batch):  # each process contributes its own rows of the global batch
         return jax.tree_util.tree_map(
             lambda x: jax.make_array_from_process_local_data(batch_sharding, x), batch)
 
-    return Steps(train=train, eval=jax.jit(evaluate, out_shardings=replicated),
+    return Steps(train=train,
+                 eval=jax.jit(evaluate, out_shardings=replicated, compiler_options=options),
                  put_state=lambda s: jax.device_put(s, state_shardings(s)), put_batch=put_batch,
                  host_state=lambda s: s, num_devices=jax.device_count(), shardings=state_shardings)
 
@@ -194,17 +197,21 @@ def _mesh_steps(step, evaluate, mesh: jax.sharding.Mesh) -> Steps:
 def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int = 1, *,
                loss: Loss = lm_loss, evaluate: Evaluate = lm_evaluate,
                skip_nonfinite: bool = False, poison_step: int = 0,
-               mesh: jax.sharding.Mesh | None = None) -> Steps:
+               mesh: jax.sharding.Mesh | None = None, compiler_options: dict | None = None) -> Steps:
+    """The train and eval steps for `parallelism`. jit and mesh compile them with
+    `compiler_options` (None: default_compiler_options(); pmap takes none)."""
+    options = default_compiler_options() if compiler_options is None else compiler_options
     step = functools.partial(train_step, schedule=schedule, loss=loss, accum_steps=accum_steps,
                              dropout=model.uses_dropout, skip_nonfinite=skip_nonfinite,
                              poison_step=poison_step)
     evaluate_step = functools.partial(eval_step, evaluate=evaluate)
     if parallelism == "jit":
-        return Steps(train=jax.jit(step, donate_argnums=0), eval=jax.jit(evaluate_step),
+        return Steps(train=jax.jit(step, donate_argnums=0, compiler_options=options),
+                     eval=jax.jit(evaluate_step, compiler_options=options),
                      put_state=lambda s: s, put_batch=lambda b: b, host_state=lambda s: s,
                      num_devices=1)
     if parallelism == "mesh":
-        return _mesh_steps(step, evaluate_step, mesh if mesh is not None else make_mesh())
+        return _mesh_steps(step, evaluate_step, mesh if mesh is not None else make_mesh(), options)
     if parallelism != "pmap":
         raise ValueError(f"train.parallelism={parallelism!r} is not allowed: one of {', '.join(PARALLELISMS)}")
 

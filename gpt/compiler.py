@@ -1,0 +1,13 @@
+"""XLA compile options for the steps that do a model's dense work (train, eval, the matmul peak)."""
+import jax
+
+# XLA's CPU matmuls on oneDNN instead of its default YNNPACK fusions: the train step ran
+# 1.15-1.2x as fast at both benchmark shapes (tools/xla_options_ab.py), but decoding's
+# matrix-vector products ran 2.6x slower (`python -m experiments.bench --what=sample`), so
+# sampling keeps XLA's defaults.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_onednn": True,
+                        "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def default_compiler_options() -> dict:
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}

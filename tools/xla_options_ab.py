@@ -1,0 +1,64 @@
+"""The train step compiled under several sets of XLA CPU options, timed interleaved in one
+process (A B C A B C ...), so a shared machine's drift hits every variant alike: how
+gpt/compiler.py's CPU_COMPILER_OPTIONS were chosen. Give it GLIBC_TUNABLES=
+glibc.malloc.hugetlb=1 to time the steps as the programs run them (see experiments/__init__.py).
+
+python tools/xla_options_ab.py --config=configs/gpt2.py:small --config.data.seq_len=512 \
+    --config.data.batch_size=4 [--variants=ynnpack,eigen,onednn] [--repeats=5]
+"""
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from experiments import bench  # noqa: E402  (its --config and --repeats flags too)
+from gpt.compiler import CPU_COMPILER_OPTIONS  # noqa: E402
+from gpt.configuration import validate  # noqa: E402
+from gpt.model import GPT  # noqa: E402
+from gpt.optim import make_optimizer  # noqa: E402
+from gpt.train_step import create_state, make_steps  # noqa: E402
+
+VARIANTS = {
+    "ynnpack": {},  # XLA's default: dots (and some reductions) as YNNPACK fusions
+    "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},  # XLA's own Eigen dots
+    "onednn": CPU_COMPILER_OPTIONS,  # what make_steps uses on CPU
+}
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Among {', '.join(VARIANTS)}.")
+
+
+def main(_):
+    config = bench._CONFIG.value  # pylint: disable=protected-access
+    config.train.grad_accum_steps = 1
+    config.model.embd_pdrop = config.model.resid_pdrop = config.model.attn_pdrop = 0.0
+    model = GPT(validate(config))
+    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    batch = jax.device_put(bench.random_batch(config, np.random.default_rng(0)))
+    train = make_steps(model, schedule, "jit", compiler_options={}).train  # XLA's defaults
+    states, compiled = {}, {}
+    for name in _VARIANTS.value:
+        states[name] = create_state(model, tx, config.train.seed, config.data.seq_len)
+        compiled[name] = train.lower(states[name], batch).compile(compiler_options=VARIANTS[name])
+    times = {name: [] for name in compiled}
+    for round_ in range(bench._REPEATS.value + 1):  # pylint: disable=protected-access
+        for name, step in compiled.items():
+            start = time.perf_counter()
+            states[name], metrics = step(states[name], batch)
+            jax.block_until_ready(metrics)
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    tokens = config.data.batch_size * config.data.seq_len
+    base = statistics.median(next(iter(times.values())))
+    for name, ts in times.items():
+        print(f"{name:<10}{tokens / statistics.median(ts):>10.1f} tokens/s"
+              f"{base / statistics.median(ts):>8.2f}x {_VARIANTS.value[0]}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
