@@ -2,9 +2,10 @@
 import jax
 
 # XLA's CPU matmuls on oneDNN instead of its default YNNPACK fusions: the train step ran
-# 1.15-1.2x as fast at both benchmark shapes (tools/xla_options_ab.py), but decoding's
-# matrix-vector products ran 2.6x slower (`python -m experiments.bench --what=sample`), so
-# sampling keeps XLA's defaults.
+# 1.11x as fast at both benchmark shapes (tools/xla_options_ab.py, one run each). Decoding's
+# matrix-vector products ran 2.6x slower on it (GPT-2 small, 10.7 against 27.7 new tokens/s,
+# `python -m experiments.bench --what=sample` with these options in XLA_FLAGS), so sampling
+# keeps XLA's defaults.
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_onednn": True,
                         "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
