@@ -83,6 +83,14 @@ def _vm_hwm_kb() -> int:
         return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
 
 
+def as_benchmarked(config):
+    """(a copy of `config` as the peer runs it: one micro-batch, no dropout, its model)."""
+    config = config.copy_and_resolve_references()
+    config.train.grad_accum_steps = 1
+    config.model.embd_pdrop = config.model.resid_pdrop = config.model.attn_pdrop = 0.0
+    return config, GPT(validate(config))
+
+
 def random_batch(config, rng: np.random.Generator):
     """Uniform token ids, as the peer uses: speed does not depend on the text."""
     tokens = rng.integers(0, config.model.vocab_size,
@@ -252,10 +260,7 @@ def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, prompt_len
         raise ValueError(f"--what={','.join(what)} is not allowed: a list of {', '.join(WHATS)}")
     if repeats < 1 or warmup < 0:
         raise ValueError("--repeats must be at least 1 and --warmup at least 0")
-    config = config.copy_and_resolve_references()
-    config.train.grad_accum_steps = 1
-    config.model.embd_pdrop = config.model.resid_pdrop = config.model.attn_pdrop = 0.0
-    model = GPT(validate(config))
+    config, model = as_benchmarked(config)
     if peers and (model.cfg.d_ff != 4 * model.cfg.d_model or not model.cfg.tie_embeddings):
         raise ValueError(f"--peer is not allowed with model.d_ff={model.cfg.d_ff} or untied "
                          f"embeddings: the peer is GPT-2 (d_ff = 4 x d_model, tied embeddings)")

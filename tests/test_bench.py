@@ -24,6 +24,7 @@ def test_bench_writes_every_measurement(tmp_path):
     assert "tokens_per_s" in results["sample"] or results["sample"]["skipped"].startswith("sampling:")
     assert results["data"]["tokens_per_s"] > 0
     assert "train ours" in result.stdout and "MFU" in result.stdout
-    # started with -m, the program re-executed itself with huge pages where the kernel wants them asked
+    # started with -m, the program re-executed itself asking for huge pages where the kernel
+    # grants them on request, and only there
     assert (experiments.TUNABLE + "=1" in results["machine"]["glibc_tunables"]) == experiments._wants_huge_pages()
 

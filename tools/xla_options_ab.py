@@ -19,8 +19,6 @@ from absl import app, flags  # noqa: E402
 
 from experiments import bench  # noqa: E402  (its --config and --repeats flags too)
 from gpt.compiler import CPU_COMPILER_OPTIONS  # noqa: E402
-from gpt.configuration import validate  # noqa: E402
-from gpt.model import GPT  # noqa: E402
 from gpt.optim import make_optimizer  # noqa: E402
 from gpt.train_step import create_state, make_steps  # noqa: E402
 
@@ -33,10 +31,7 @@ _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Among {', '.join(VAR
 
 
 def main(_):
-    config = bench._CONFIG.value  # pylint: disable=protected-access
-    config.train.grad_accum_steps = 1
-    config.model.embd_pdrop = config.model.resid_pdrop = config.model.attn_pdrop = 0.0
-    model = GPT(validate(config))
+    config, model = bench.as_benchmarked(bench._CONFIG.value)  # pylint: disable=protected-access
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     batch = jax.device_put(bench.random_batch(config, np.random.default_rng(0)))
     train = make_steps(model, schedule, "jit", compiler_options={}).train  # XLA's defaults
