@@ -1,11 +1,13 @@
-"""The train step compiled under several sets of XLA CPU options, timed interleaved in one
-process (A B C A B C ...), so a shared machine's drift hits every variant alike: how
-gpt/compiler.py's CPU_COMPILER_OPTIONS were chosen. Give it GLIBC_TUNABLES=
+"""The train step compiled under several sets of XLA CPU options, and optionally model
+settings, timed interleaved in one process (A B C A B C ...), so a shared machine's drift hits
+every variant alike: how gpt/compiler.py's CPU_COMPILER_OPTIONS were chosen. A variant is an
+option set, optionally with model fields after colons: `onednn:attention_block=0`. Give it GLIBC_TUNABLES=
 glibc.malloc.hugetlb=1 to time the steps as the programs run them (see experiments/__init__.py).
 
 python tools/xla_options_ab.py --config=configs/gpt2.py:small --config.data.seq_len=512 \
     --config.data.batch_size=4 [--variants=ynnpack,eigen,onednn] [--repeats=5]
 """
+import dataclasses
 import os
 import statistics
 import sys
@@ -19,6 +21,7 @@ from absl import app, flags  # noqa: E402
 
 from experiments import bench  # noqa: E402  (its --config and --repeats flags too)
 from gpt.compiler import CPU_COMPILER_OPTIONS  # noqa: E402
+from gpt.model import GPT  # noqa: E402
 from gpt.optim import make_optimizer  # noqa: E402
 from gpt.train_step import create_state, make_steps  # noqa: E402
 
@@ -27,18 +30,31 @@ VARIANTS = {
     "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},  # XLA's own Eigen dots
     "onednn": CPU_COMPILER_OPTIONS,  # what make_steps uses on CPU
 }
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Among {', '.join(VARIANTS)}.")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS),
+                              f"Each one of {', '.join(VARIANTS)}[:model_field=value...].")
+
+
+def _variant(model: GPT, spec: str) -> tuple[GPT, dict]:
+    """(the model with the spec's fields replaced, its compile options)."""
+    options, *fields = spec.split(":")
+    changes = {}
+    for field in fields:
+        key, value = field.split("=", 1)
+        default = getattr(model.cfg, key)
+        changes[key] = value.lower() == "true" if isinstance(default, bool) else type(default)(value)
+    return GPT(dataclasses.replace(model.cfg, **changes)), VARIANTS[options]
 
 
 def main(_):
     config, model = bench.as_benchmarked(bench._CONFIG.value)  # pylint: disable=protected-access
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     batch = jax.device_put(bench.random_batch(config, np.random.default_rng(0)))
-    train = make_steps(model, schedule, "jit", compiler_options={}).train  # XLA's defaults
     states, compiled = {}, {}
     for name in _VARIANTS.value:
-        states[name] = create_state(model, tx, config.train.seed, config.data.seq_len)
-        compiled[name] = train.lower(states[name], batch).compile(compiler_options=VARIANTS[name])
+        variant, options = _variant(model, name)
+        train = make_steps(variant, schedule, "jit", compiler_options={}).train  # XLA's defaults
+        states[name] = create_state(variant, tx, config.train.seed, config.data.seq_len)
+        compiled[name] = train.lower(states[name], batch).compile(compiler_options=options)
     times = {name: [] for name in compiled}
     for round_ in range(bench._REPEATS.value + 1):  # pylint: disable=protected-access
         for name, step in compiled.items():
@@ -50,7 +66,7 @@ def main(_):
     tokens = config.data.batch_size * config.data.seq_len
     base = statistics.median(next(iter(times.values())))
     for name, ts in times.items():
-        print(f"{name:<10}{tokens / statistics.median(ts):>10.1f} tokens/s"
+        print(f"{name:<28}{tokens / statistics.median(ts):>10.1f} tokens/s"
               f"{base / statistics.median(ts):>8.2f}x {_VARIANTS.value[0]}")
 
 
