@@ -5,7 +5,7 @@ option set, optionally with model fields after colons: `onednn:attention_block=0
 glibc.malloc.hugetlb=1 to time the steps as the programs run them (see experiments/__init__.py).
 
 python tools/xla_options_ab.py --config=configs/gpt2.py:small --config.data.seq_len=512 \
-    --config.data.batch_size=4 [--variants=ynnpack,eigen,onednn] [--repeats=5]
+    --config.data.batch_size=4 [--variants=ynnpack,eigen,onednn,ours] [--repeats=5]
 """
 import dataclasses
 import os
@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments import bench  # noqa: E402  (its --config and --repeats flags too)
-from gpt.compiler import CPU_COMPILER_OPTIONS  # noqa: E402
+from gpt.compiler import CPU_COMPILER_OPTIONS, ONEDNN_DOTS  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.optim import make_optimizer  # noqa: E402
 from gpt.train_step import create_state, make_steps  # noqa: E402
@@ -28,7 +28,8 @@ from gpt.train_step import create_state, make_steps  # noqa: E402
 VARIANTS = {
     "ynnpack": {},  # XLA's default: dots (and some reductions) as YNNPACK fusions
     "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},  # XLA's own Eigen dots
-    "onednn": CPU_COMPILER_OPTIONS,  # what make_steps uses on CPU
+    "onednn": {**ONEDNN_DOTS, "xla_cpu_experimental_ynn_fusion_type": ""},  # oneDNN dots only
+    "ours": CPU_COMPILER_OPTIONS,  # what make_steps uses on CPU: oneDNN dots, YNNPACK reductions
 }
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS),
                               f"Each one of {', '.join(VARIANTS)}[:model_field=value...].")
