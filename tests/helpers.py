@@ -1,4 +1,9 @@
-"""Shared by tests: a tiny run config and deterministic batches."""
+"""Shared by tests: the programs run as a user runs them, a tiny run config and
+deterministic batches."""
+import os
+import subprocess
+import sys
+
 import jax
 import numpy as np
 
@@ -7,6 +12,29 @@ from gpt.configuration import model_config
 from gpt.model import GPT
 from gpt.optim import make_optimizer
 from gpt.train_step import create_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def start(module, *args, xla_flags: str = "", stderr=subprocess.PIPE) -> subprocess.Popen:
+    """`python -m module args` from the repository root on the CPU; `xla_flags` go after
+    the inherited XLA_FLAGS."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if xla_flags:
+        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags}".strip()
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def run(module, *args, timeout=600, **start_kwargs) -> subprocess.CompletedProcess:
+    """`start`, then wait for it; its stdout and stderr come back whole."""
+    with start(module, *args, **start_kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def tiny_config(**overrides):

@@ -3,7 +3,7 @@ Timings are not checked: they belong to the benchmark, not the tests."""
 import json
 
 import experiments
-from tests.test_cli import run
+from tests.helpers import run
 
 
 def test_bench_writes_every_measurement(tmp_path):

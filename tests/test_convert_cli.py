@@ -7,7 +7,7 @@ import safetensors.numpy
 import torch
 import transformers
 
-from tests.test_cli import run
+from tests.helpers import run
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ time with the plain forward pass; the sample and evaluate programs on a tiny tra
 import json
 import math
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +12,8 @@ import pytest
 from gpt import evaluation
 from gpt.data import tokenizers
 from gpt.model import GPT, GPTConfig
+from tests.helpers import start
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = GPTConfig(vocab_size=257, max_len=16, n_layer=2, d_model=32, n_head=4, d_ff=64,
                  embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
 BYTES = tokenizers.bytes_tokenizer()
@@ -150,13 +148,10 @@ def test_last_word_accuracy_needs_every_token(tiny):
 
 # ---- both programs on a tiny trained run ------------------------------------------------
 
-def start(module, *args):
-    """A program in a subprocess; XLA's backend optimisations off: they cost more compile
-    time than these tiny runs take."""
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_quick(module, *args):
+    """A program whose XLA backend optimisations are off: they cost more compile time than
+    these tiny runs take."""
+    return start(module, *args, xla_flags="--xla_backend_optimization_level=0")
 
 
 def finish(process):
@@ -168,14 +163,14 @@ def finish(process):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
-    finish(start("experiments.train", "--config=configs/gpt2.py:tiny", f"--workdir={workdir}",
-                 f"--config.data.data_dir={tmp_path_factory.mktemp('data')}",
-                 "--config.model.n_layer=1", "--config.model.d_model=32", "--config.model.n_head=2",
-                 "--config.model.d_ff=64", "--config.model.max_len=32", "--config.data.seq_len=32",
-                 "--config.data.batch_size=8", "--config.train.steps=2",
-                 "--config.train.log_every=1", "--config.train.eval_every=2",
-                 "--config.train.ckpt_every=2", "--config.train.eval_steps=1",
-                 "--config.train.peak_flops=1e12"))
+    finish(start_quick("experiments.train", "--config=configs/gpt2.py:tiny", f"--workdir={workdir}",
+                       f"--config.data.data_dir={tmp_path_factory.mktemp('data')}",
+                       "--config.model.n_layer=1", "--config.model.d_model=32", "--config.model.n_head=2",
+                       "--config.model.d_ff=64", "--config.model.max_len=32", "--config.data.seq_len=32",
+                       "--config.data.batch_size=8", "--config.train.steps=2",
+                       "--config.train.log_every=1", "--config.train.eval_every=2",
+                       "--config.train.ckpt_every=2", "--config.train.eval_steps=1",
+                       "--config.train.peak_flops=1e12"))
     return workdir
 
 
@@ -183,11 +178,11 @@ def test_sample_and_evaluate_programs(trained, tmp_path):
     """The three runs in parallel: each is mostly start-up and compilation."""
     passages = tmp_path / "lambada_test.jsonl"  # OpenAI's format: one {"text": ...} a line
     passages.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a cat sat", "x y"]))
-    sample = start("experiments.sample", f"--workdir={trained}", "--prompt=def f",
-                   "--max_new_tokens=12", "--temperature=0", "--chunk=5")
-    perplexity = start("experiments.evaluate", f"--workdir={trained}", "--limit=3", "--stride=16")
-    lambada = start("experiments.evaluate", f"--workdir={trained}", "--task=lambada",
-                    f"--dataset={passages}")
+    sample = start_quick("experiments.sample", f"--workdir={trained}", "--prompt=def f",
+                         "--max_new_tokens=12", "--temperature=0", "--chunk=5")
+    perplexity = start_quick("experiments.evaluate", f"--workdir={trained}", "--limit=3", "--stride=16")
+    lambada = start_quick("experiments.evaluate", f"--workdir={trained}", "--task=lambada",
+                          f"--dataset={passages}")
 
     text = finish(sample)
     assert text.startswith("def f") and len(text) > len("def f\n")

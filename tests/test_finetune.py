@@ -15,7 +15,7 @@ from gpt.finetune import metrics, pipeline, tasks
 from gpt.finetune.model import GPTClassifier, load_pretrained, make_loss
 from gpt.finetune.transforms import Example, sequences, to_arrays
 from gpt.model import GPT, ConfigError, GPTConfig
-from tests.test_cli import run
+from tests.helpers import run
 
 TOK = bytes_tokenizer().with_special_tokens()
 S, D, E = 257, 258, 259  # start, delimiter, extract after the 257 byte ids

@@ -4,14 +4,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
 
-from tests.test_cli import ROOT, run
+from tests.helpers import run, start
 
 STEPS = 60
 
@@ -34,9 +33,7 @@ def _params(workdir):
 
 
 def _start(args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, "-m", "experiments.train", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return start("experiments.train", *args, stderr=subprocess.STDOUT)
 
 
 def _wait_for_step(workdir, step, proc, timeout=300):

@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from gpt import sweeps
-from tests.test_cli import run
+from tests.helpers import run
 
 TINY = (("train.steps", 20), ("model.n_layer", 1), ("model.d_model", 32), ("model.d_ff", 64),
         ("model.max_len", 32), ("data.seq_len", 32), ("data.batch_size", 8), ("train.log_every", 5),
