@@ -28,3 +28,28 @@ def test_bench_writes_every_measurement(tmp_path):
     # grants them on request, and only there
     assert (experiments.TUNABLE + "=1" in results["machine"]["glibc_tunables"]) == experiments._wants_huge_pages()
 
+
+
+TOOL_SHAPE = ("--config=configs/gpt2.py:tiny", "--config.model.n_layer=1", "--config.model.d_model=32",
+              "--config.model.n_head=2", "--config.model.d_ff=64", "--config.model.max_len=16",
+              "--config.data.seq_len=16", "--config.data.batch_size=4")
+
+
+def test_op_profile_names_the_model_parts():
+    result = run("tools.op_profile", *TOOL_SHAPE, "--steps=1", "--top=3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    wall, header, *parts = result.stdout.split("\n\n")[0].splitlines()
+    assert wall.startswith("wall ") and "ms per step" in wall and header.split() == ["ms/step", "part"]
+    # the layer index and the jvp wrappers are gone; forward and backward stay apart
+    assert {"GPT.logits/...d,vd->...v/dot_general", "backward GPT.logits/...d,vd->...v/dot_general",
+            "mlp/c_fc/dot_general"} <= {line.split(None, 1)[1] for line in parts}
+    assert len(result.stdout.split("\n\n")[1].splitlines()) == 1 + 3  # --top ops
+
+
+def test_xla_options_ab_times_each_variant():
+    result = run("tools.xla_options_ab", *TOOL_SHAPE, "--variants=ynnpack,ours:attention_block=8",
+                 "--repeats=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()[-2:]
+    assert [line.split()[0] for line in lines] == ["ynnpack", "ours:attention_block=8"]
+    assert lines[0].split()[-2:] == ["1.00x", "ynnpack"]
