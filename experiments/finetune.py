@@ -55,6 +55,7 @@ def _summarize(task: tasks.Task):
 
 def finetune(config, workdir: str) -> dict:
     task = tasks.get_task(config.task)
+    workdir = common.prepare_workdir(workdir)  # a bad one fails before any data work
     pretrained = _adopt_pretrained(config) if config.init_from else None
     tok = data.get_tokenizer(config.data, loop.progress()).with_special_tokens()
     config.model.vocab_size = max(config.model.vocab_size, tok.vocab_size)

@@ -135,8 +135,8 @@ def num_devices_and_mesh(config):
 
 
 def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
-    """The training loop: resume, train, log, evaluate, checkpoint, stop on SIGTERM."""
-    workdir = common.prepare_workdir(workdir)
+    """The training loop: resume, train, log, evaluate, checkpoint, stop on SIGTERM. The
+    caller has checked `workdir` (common.prepare_workdir) before any data work."""
     total_steps = config.train.steps
     model_cfg = job.model.cfg
     tx, schedule = make_optimizer(config.optim, total_steps)

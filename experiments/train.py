@@ -10,7 +10,7 @@ import math
 from absl import flags
 from ml_collections import config_flags
 
-from experiments import loop
+from experiments import common, loop
 from gpt import data
 from gpt.data import corpus
 from gpt.configuration import validate
@@ -32,6 +32,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Pre-trains (or resumes); returns the last logged metrics."""
     num_devices, mesh = loop.num_devices_and_mesh(config)
     model_cfg = validate(config, num_devices)
+    workdir = common.prepare_workdir(workdir)  # a bad one fails before any corpus is prepared
     # Preparing a corpus or learning a BPE (once per data_dir) says so in one line, always, and
     # draws the libraries' bars on a terminal; other hosts keep quiet.
     progress = loop.progress()

@@ -79,10 +79,13 @@ def test_bad_flag_is_one_error_line(tmp_path, flag, key):
     ("configs/gpt2.py:tiny", "/proc/no/such/dir", "--workdir=/proc/no/such/dir"),
 ])
 def test_bad_paths_are_one_error_line(tmp_path, config, workdir, needle):
-    result = run("experiments.train", f"--config={config}", f"--workdir={workdir or tmp_path}")
+    data_dir = tmp_path / "data"
+    result = run("experiments.train", f"--config={config}", f"--workdir={workdir or tmp_path}",
+                 *([f"--config.data.data_dir={data_dir}"] if config.endswith("tiny") else []))
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+    assert not data_dir.exists()  # it failed before preparing any corpus
 
 
 def test_summary_prints_exact_counts():
