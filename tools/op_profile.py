@@ -58,7 +58,7 @@ def op_names(dump_dir: str) -> dict:
 
 def part(op_name: str) -> str:
     """'jit(train_step)/transpose(jvp(GPT))/GPT.hidden_states/GPT._stack/h_3/mlp/c_fc/dot_general'
-    -> 'backward mlp/c_fc dot_general': the layer index and the wrappers dropped."""
+    -> 'backward mlp/c_fc/dot_general': the layer index and the wrappers dropped."""
     direction = "backward " if "transpose(" in op_name else ""
     path = [p for p in op_name.split("/")[1:] if not _WRAPPER.fullmatch(p)]
     where = "/".join(path[-3:]) or op_name
@@ -86,6 +86,14 @@ def trace_ops(run, units: int) -> tuple[collections.Counter, collections.Counter
 
 
 def main(_):
+    try:
+        report(*profile())
+    finally:
+        shutil.rmtree(_DUMP, ignore_errors=True)
+
+
+def profile():
+    """(seconds and calls per unit by (module, op), wall seconds per unit, the unit, op names)."""
     config, model = bench.as_benchmarked(bench._CONFIG.value)  # pylint: disable=protected-access
     if _OF.value == "train":
         tx, schedule = make_optimizer(config.optim, config.train.steps)
@@ -109,11 +117,10 @@ def main(_):
                                rng=jax.random.PRNGKey(0), temperature=0.0)
         run()
         units, unit = new_tokens, "new token"
-    try:
-        seconds, calls, wall = trace_ops(run, units)
-        names = op_names(_DUMP)
-    finally:
-        shutil.rmtree(_DUMP, ignore_errors=True)
+    return (*trace_ops(run, units), unit, op_names(_DUMP))
+
+
+def report(seconds, calls, wall: float, unit: str, names: dict) -> None:
     by_part = collections.Counter()
     for key, s in seconds.items():
         by_part[part(names[key]) if key in names else "no metadata: " + _NUMBERED.sub("", key[1])] += s
