@@ -29,7 +29,6 @@ def test_bench_writes_every_measurement(tmp_path):
     assert (experiments.TUNABLE + "=1" in results["machine"]["glibc_tunables"]) == experiments._wants_huge_pages()
 
 
-
 TOOL_SHAPE = ("--config=configs/gpt2.py:tiny", "--config.model.n_layer=1", "--config.model.d_model=32",
               "--config.model.n_head=2", "--config.model.d_ff=64", "--config.model.max_len=16",
               "--config.data.seq_len=16", "--config.data.batch_size=4")
