@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt.cross_entropy import softmax_cross_entropy
 from gpt.data import Tokenizer
 from gpt.model import GPT
 
@@ -48,8 +49,7 @@ def sliding_windows(n_targets: int, context_len: int, stride: int) -> list[tuple
 @functools.partial(jax.jit, static_argnames="model")
 def _token_scores(model: GPT, params, inputs_BxT, targets_BxT):
     logits_BxTxV = model.apply({"params": params}, inputs_BxT)
-    target_BxT = jnp.take_along_axis(logits_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-    logp_BxT = target_BxT - jax.nn.logsumexp(logits_BxTxV, axis=-1)
+    logp_BxT = -softmax_cross_entropy(logits_BxTxV, targets_BxT)
     return logp_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
 
 

@@ -18,6 +18,7 @@ import optax
 from flax.training import train_state
 
 from gpt.compiler import default_compiler_options
+from gpt.cross_entropy import softmax_cross_entropy
 from gpt.model import GPT
 
 PARALLELISMS = ("jit", "pmap", "mesh")
@@ -47,8 +48,7 @@ def create_state(model: GPT, tx: optax.GradientTransformation, seed: int, seq_le
 
 def cross_entropy(logits_BxTxV, targets_BxT) -> jax.Array:
     """Mean next-token cross-entropy in float32."""
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits_BxTxV.astype(jnp.float32), targets_BxT).mean()
+    return softmax_cross_entropy(logits_BxTxV, targets_BxT).mean()
 
 
 # (params, apply_fn, batch, dropout rng, train) -> (loss, {name: scalar metric})

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gpt.cross_entropy import softmax_cross_entropy
 from gpt.model import GPT
 
 CLF_INIT_STD = 0.02  # the released code's classifier initialisation
@@ -70,8 +71,7 @@ def _lm_loss(lm_logits_BxCxTxV, tokens_BxCxT, lengths_BxC):
     """The released code's auxiliary loss: next-token cross-entropy over each sequence's
     real tokens (the [extract] token included), averaged per sequence, then over sequences."""
     T = tokens_BxCxT.shape[-1]
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-        lm_logits_BxCxTxV[..., :-1, :], tokens_BxCxT[..., 1:])
+    losses = softmax_cross_entropy(lm_logits_BxCxTxV[..., :-1, :], tokens_BxCxT[..., 1:])
     mask = jnp.arange(1, T)[None, None, :] < lengths_BxC[..., None]
     per_sequence = (losses * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)
     return per_sequence.mean()

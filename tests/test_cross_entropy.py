@@ -1,0 +1,109 @@
+"""The fused CPU cross-entropy kernel against optax's, which is the definition."""
+import functools
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gpt import cross_entropy
+from gpt.cross_entropy import softmax_cross_entropy
+from tests.helpers import ROOT
+
+
+def _logits_and_labels(shape, vocab, scale, seed=0):
+    k_logits, k_labels = jax.random.split(jax.random.key(seed))
+    return (jax.random.normal(k_logits, (*shape, vocab)) * scale,
+            jax.random.randint(k_labels, shape, 0, vocab))
+
+
+def test_the_kernel_builds_here():
+    # Not a skip: CI and the README's setup have a C++ compiler, so the fast path is what
+    # the rest of the suite exercises.
+    assert cross_entropy.fused_available()
+    assert cross_entropy.build() == cross_entropy.build()  # cached: built once per source
+
+
+def _float64_truth(logits, labels, weights):
+    x = np.asarray(logits, np.float64)
+    shifted = x - x.max(-1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_p, np.asarray(labels)[..., None], -1)[..., 0]
+    grad = np.exp(log_p) - np.eye(x.shape[-1])[np.asarray(labels)]
+    return nll, grad * np.asarray(weights, np.float64)[..., None]
+
+
+# Vocabularies that are and are not multiples of a vector; logits wide enough that exp of
+# (logit - max) underflows; rows that do not fill the kernel's blocks of 8.
+@pytest.mark.parametrize("shape,vocab,scale", [((3, 7), 1001, 30.0), ((2, 3), 50257, 4.0),
+                                               ((13,), 5, 1.0), ((4, 2, 3), 64, 100.0)])
+def test_loss_and_gradient_as_accurate_as_optax(shape, vocab, scale):
+    logits, labels = _logits_and_labels(shape, vocab, scale)
+    weights = jax.random.uniform(jax.random.key(1), shape)  # a gradient that differs per row
+    nll, grad = _float64_truth(logits, labels, weights)
+
+    def weighted(loss):
+        return jax.jit(jax.value_and_grad(lambda x: (loss(x, labels) * weights).sum()))
+
+    ours = softmax_cross_entropy(logits, labels, fused=True)
+    _, d_ours = weighted(functools.partial(softmax_cross_entropy, fused=True))(logits)
+    ref = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    _, d_ref = weighted(optax.softmax_cross_entropy_with_integer_labels)(logits)
+    np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=2e-7 * scale)
+    np.testing.assert_allclose(d_ours, d_ref, rtol=1e-5, atol=1e-7)
+    # No further from float64 than optax's (float32 rounding of the logits aside).
+    assert np.abs(ours - nll).max() <= 2 * np.abs(ref - nll).max() + 1e-7 * scale
+    assert np.abs(d_ours - grad).max() <= 2 * np.abs(d_ref - grad).max() + 1e-8
+
+
+def test_vmap_and_non_float32_inputs():
+    logits, labels = _logits_and_labels((4, 6), 300, 3.0)
+    batched = jax.vmap(lambda x, y: softmax_cross_entropy(x, y, fused=True))(logits, labels)
+    np.testing.assert_allclose(batched, optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+                               rtol=2e-6)
+    half = softmax_cross_entropy(logits.astype(jnp.bfloat16), labels.astype(jnp.int16), fused=True)
+    assert half.dtype == jnp.float32
+    np.testing.assert_allclose(half, optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.bfloat16).astype(jnp.float32), labels), rtol=2e-6)
+
+
+def test_a_label_outside_the_vocabulary_is_nan_not_a_stray_read():
+    logits, labels = _logits_and_labels((4,), 50, 1.0)
+    labels = labels.at[1].set(50).at[2].set(-1)
+    loss, grad = jax.value_and_grad(lambda x: softmax_cross_entropy(x, labels, fused=True)[0])(logits)
+    values = softmax_cross_entropy(logits, labels, fused=True)
+    assert np.isnan(values[1]) and np.isnan(values[2]) and np.isfinite(np.asarray(values)[[0, 3]]).all()
+    assert np.isfinite(loss) and np.isfinite(grad).all()
+
+
+def test_cpu_steps_use_the_kernel_unless_switched_off(monkeypatch):
+    logits, labels = _logits_and_labels((2, 3), 40, 1.0)
+
+    def hlo():
+        return jax.jit(jax.grad(lambda x: softmax_cross_entropy(x, labels).mean())).lower(logits).as_text()
+
+    assert "gpt_cross_entropy_fwd" in hlo() and "gpt_cross_entropy_bwd" in hlo()
+    monkeypatch.setenv("GPT_JAX_FUSED_CE", "0")
+    assert "gpt_cross_entropy" not in hlo()
+
+
+def test_without_a_compiler_it_falls_back_to_optax(tmp_path):
+    code = ("import jax, numpy as np, optax\n"
+            "from gpt.cross_entropy import softmax_cross_entropy, fused_available\n"
+            "x = jax.random.normal(jax.random.key(0), (3, 9)); y = np.array([0, 4, 8])\n"
+            "assert not fused_available()\n"
+            "np.testing.assert_allclose(softmax_cross_entropy(x, y),\n"
+            "    optax.softmax_cross_entropy_with_integer_labels(x, y))\n"
+            "try:\n    softmax_cross_entropy(x, y, fused=True)\nexcept RuntimeError as e:\n"
+            "    print('refused:', e)\n")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), XDG_CACHE_HOME=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "refused: the fused cross-entropy kernel could not be built" in result.stdout
+    assert "fused cross-entropy unavailable, using XLA's" in result.stderr
+    assert not list(tmp_path.glob("gpt-jax/*.so*"))  # no half-built library left behind
