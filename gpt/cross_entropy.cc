@@ -1,15 +1,16 @@
-// Softmax cross-entropy over the last axis of float32 logits, as two XLA FFI handlers for the
-// CPU backend. XLA computes the loss and its gradient in about six passes over the logits (max,
-// exp, sum, then exp times the incoming gradient, the one-hot subtraction and a transposed
-// copy); these take one pass forward and one backward, each row's max and sum read from cache.
+// Softmax cross-entropy over the last axis of float32 logits, as XLA FFI handlers for the CPU
+// backend. XLA computes the loss and its gradient in about six passes over the [tokens, vocab]
+// logits (max, exp, sum; then exp times the incoming gradient, the one-hot subtraction and a
+// copy); these read each row once from memory, its max, sum and softmax then served from cache.
 //
-//   gpt_cross_entropy_fwd(logits [..., V] f32, labels [...] s32) -> (nll, max, sumexp) [...]
-//   gpt_cross_entropy_bwd(logits, labels, max, sumexp, g [...])
-//       -> g * (softmax(logits) - onehot(labels))
+//   gpt_cross_entropy(logits [..., V] f32, labels [...] s32) -> nll [...]
+//   gpt_cross_entropy_fwd(logits, labels) -> (nll, softmax [..., V])  softmax in logits' buffer
+//   gpt_cross_entropy_bwd(softmax, labels, g [...]) -> g * (softmax - onehot(labels)), in place
 //
-// As in XLA's own log-softmax, logits are shifted by their row's max and the sum of exps is
-// kept apart, not folded into a logsumexp: exp(x - lse) would carry lse's rounding (an ulp of
-// a number that can be 100) into every probability.
+// Training calls the last two: the softmax overwrites the logits, which nothing else reads,
+// and the gradient overwrites the softmax, so the step allocates no [tokens, vocab] buffer
+// beyond the logits. As in XLA's log-softmax, the loss is log(sum exp(x - max)) - (x_label -
+// max), never through a rounded logsumexp.
 //
 // A label outside [0, V) gives a NaN loss and no one-hot term, never an out-of-bounds read.
 #include <algorithm>
@@ -75,9 +76,15 @@ ROW_KERNEL float RowSumExp(const float* x, int64_t v, float m) {
   return static_cast<float>(s);
 }
 
+// out may be x: each element is read before it is written.
 ROW_KERNEL void RowScaledExp(const float* x, int64_t v, float m, float scale, float* out) {
 #pragma omp simd
   for (int64_t j = 0; j < v; ++j) out[j] = scale * Exp(x[j] - m);
+}
+
+ROW_KERNEL void RowScale(const float* x, int64_t v, float scale, float* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < v; ++j) out[j] = scale * x[j];
 }
 
 // Calls body(begin, end) on blocks of [0, n) from the calling thread and XLA's intra-op pool.
@@ -111,9 +118,9 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
   work->all_done.wait(lock, [&] { return work->done.load() == blocks; });
 }
 
-ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
-                   ffi::Buffer<ffi::S32> labels, ffi::ResultBuffer<ffi::F32> nll,
-                   ffi::ResultBuffer<ffi::F32> max, ffi::ResultBuffer<ffi::F32> sumexp) {
+// The loss of each row, and with `softmax` (which may be `logits` itself) its softmax.
+ffi::Error Loss(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& logits, ffi::Buffer<ffi::S32>& labels,
+                float* nll, float* softmax) {
   if (logits.dimensions().size() == 0) return ffi::Error::InvalidArgument("logits need a class axis");
   const int64_t v = logits.dimensions().back();
   const int64_t n = labels.element_count();
@@ -122,36 +129,42 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
   }
   const float* x = logits.typed_data();
   const int32_t* y = labels.typed_data();
-  float* out_nll = nll->typed_data();
-  float* out_max = max->typed_data();
-  float* out_sum = sumexp->typed_data();
   ParallelFor(pool, n, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* row = x + i * v;
-      const float m = out_max[i] = RowMax(row, v);
-      out_sum[i] = RowSumExp(row, v, m);
-      out_nll[i] = 0 <= y[i] && y[i] < v ? std::log(out_sum[i]) - (row[y[i]] - m)
-                                         : std::numeric_limits<float>::quiet_NaN();
+      const float m = RowMax(row, v);
+      const float s = RowSumExp(row, v, m);
+      nll[i] = 0 <= y[i] && y[i] < v ? std::log(s) - (row[y[i]] - m)
+                                     : std::numeric_limits<float>::quiet_NaN();
+      if (softmax != nullptr) RowScaledExp(row, v, m, 1.0f / s, softmax + i * v);
     }
   });
   return ffi::Error::Success();
 }
 
-ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
-                    ffi::Buffer<ffi::S32> labels, ffi::Buffer<ffi::F32> max,
-                    ffi::Buffer<ffi::F32> sumexp, ffi::Buffer<ffi::F32> g,
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
+                   ffi::Buffer<ffi::S32> labels, ffi::ResultBuffer<ffi::F32> nll) {
+  return Loss(pool, logits, labels, nll->typed_data(), nullptr);
+}
+
+ffi::Error ForwardWithSoftmax(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
+                              ffi::Buffer<ffi::S32> labels, ffi::ResultBuffer<ffi::F32> nll,
+                              ffi::ResultBuffer<ffi::F32> softmax) {
+  return Loss(pool, logits, labels, nll->typed_data(), softmax->typed_data());
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> softmax,
+                    ffi::Buffer<ffi::S32> labels, ffi::Buffer<ffi::F32> g,
                     ffi::ResultBuffer<ffi::F32> dlogits) {
-  const int64_t v = logits.dimensions().back();
+  const int64_t v = softmax.dimensions().back();
   const int64_t n = labels.element_count();
-  const float* x = logits.typed_data();
+  const float* p = softmax.typed_data();
   const int32_t* y = labels.typed_data();
-  const float* m = max.typed_data();
-  const float* s = sumexp.typed_data();
   const float* gi = g.typed_data();
   float* dx = dlogits->typed_data();
   ParallelFor(pool, n, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      RowScaledExp(x + i * v, v, m[i], gi[i] / s[i], dx + i * v);
+      RowScale(p + i * v, v, gi[i], dx + i * v);
       if (0 <= y[i] && y[i] < v) dx[i * v + y[i]] -= gi[i];
     }
   });
@@ -160,12 +173,18 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptCrossEntropyFwd, Forward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptCrossEntropy, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptCrossEntropyFwd, ForwardWithSoftmax,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
@@ -174,7 +193,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptCrossEntropyBwd, Backward,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -27,7 +27,7 @@ import optax
 
 _SOURCE = pathlib.Path(__file__).with_suffix(".cc")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-trapping-math"]
-_FORWARD, _BACKWARD = "gpt_cross_entropy_fwd", "gpt_cross_entropy_bwd"
+_LOSS, _FORWARD, _BACKWARD = "gpt_cross_entropy", "gpt_cross_entropy_fwd", "gpt_cross_entropy_bwd"
 
 
 def _cache_dir() -> pathlib.Path:
@@ -65,36 +65,39 @@ def fused_available() -> bool:
         detail = getattr(e, "stderr", "") or str(e)
         logging.warning("fused cross-entropy unavailable, using XLA's: %s", detail.strip()[-500:])
         return False
-    for name, symbol in [(_FORWARD, library.GptCrossEntropyFwd),
+    for name, symbol in [(_LOSS, library.GptCrossEntropy), (_FORWARD, library.GptCrossEntropyFwd),
                          (_BACKWARD, library.GptCrossEntropyBwd)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return True
 
 
+@jax.custom_vjp
+def _fused(logits, labels):
+    nll = jax.ShapeDtypeStruct(labels.shape, jnp.float32)
+    return jax.ffi.ffi_call(_LOSS, nll, vmap_method="broadcast_all")(logits, labels)
+
+
 def _fused_forward(logits, labels):
-    per_row = jax.ShapeDtypeStruct(labels.shape, jnp.float32)
-    nll, max_, sumexp = jax.ffi.ffi_call(_FORWARD, (per_row,) * 3, vmap_method="broadcast_all")(
-        logits, labels)
-    return nll, (logits, labels, max_, sumexp)
+    nll, softmax = jax.ffi.ffi_call(
+        _FORWARD, (jax.ShapeDtypeStruct(labels.shape, jnp.float32),
+                   jax.ShapeDtypeStruct(logits.shape, jnp.float32)),
+        vmap_method="broadcast_all", input_output_aliases={0: 1})(logits, labels)
+    return nll, (softmax, labels)
 
 
 def _fused_backward(residuals, g):
-    logits, labels, max_, sumexp = residuals
-    dlogits = jax.ffi.ffi_call(_BACKWARD, jax.ShapeDtypeStruct(logits.shape, jnp.float32),
-                               vmap_method="broadcast_all")(logits, labels, max_, sumexp, g)
+    softmax, labels = residuals
+    dlogits = jax.ffi.ffi_call(_BACKWARD, jax.ShapeDtypeStruct(softmax.shape, jnp.float32),
+                               vmap_method="broadcast_all",
+                               input_output_aliases={0: 0})(softmax, labels, g)
     return dlogits, None
-
-
-@jax.custom_vjp
-def _fused(logits, labels):
-    return _fused_forward(logits, labels)[0]
 
 
 _fused.defvjp(_fused_forward, _fused_backward)
 
 
-def softmax_cross_entropy(logits_NxV: jax.Array, labels_N: jax.Array, *, fused: bool | None = None
-                  ) -> jax.Array:
+def softmax_cross_entropy(logits_NxV: jax.Array, labels_N: jax.Array, *,
+                          fused: bool | None = None) -> jax.Array:
     """-log softmax(logits)[label] per row, in float32, over the last axis (any leading shape).
 
     fused=None uses the fused kernel when tracing for CPU, it is available and GPT_JAX_FUSED_CE
@@ -107,6 +110,7 @@ def softmax_cross_entropy(logits_NxV: jax.Array, labels_N: jax.Array, *, fused: 
                  and fused_available())
     elif fused and not fused_available():
         raise RuntimeError("the fused cross-entropy kernel could not be built (see the log)")
-    if fused:
-        return _fused(logits_NxV, labels_N)
+    if fused:  # as rows: the head's matmul makes them, and XLA then aliases its buffer
+        return _fused(logits_NxV.reshape(-1, logits_NxV.shape[-1]), labels_N.reshape(-1)
+                      ).reshape(labels_N.shape)
     return optax.softmax_cross_entropy_with_integer_labels(logits_NxV, labels_N)
