@@ -27,7 +27,8 @@ import optax
 
 _SOURCE = pathlib.Path(__file__).with_suffix(".cc")
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-trapping-math"]
-_LOSS, _FORWARD, _BACKWARD = "gpt_cross_entropy", "gpt_cross_entropy_fwd", "gpt_cross_entropy_bwd"
+_LOSS, _FORWARD = "gpt_cross_entropy", "gpt_cross_entropy_fwd"
+_BACKWARD, _BACKWARD_T = "gpt_cross_entropy_bwd", "gpt_cross_entropy_bwd_t"
 
 
 def _cache_dir() -> pathlib.Path:
@@ -66,34 +67,85 @@ def fused_available() -> bool:
         logging.warning("fused cross-entropy unavailable, using XLA's: %s", detail.strip()[-500:])
         return False
     for name, symbol in [(_LOSS, library.GptCrossEntropy), (_FORWARD, library.GptCrossEntropyFwd),
-                         (_BACKWARD, library.GptCrossEntropyBwd)]:
+                         (_BACKWARD, library.GptCrossEntropyBwd),
+                         (_BACKWARD_T, library.GptCrossEntropyBwdT)]:
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     return True
 
 
+@jax.named_scope("cross_entropy")  # for profiles (tools/op_profile.py)
+def _nll_and_softmax(logits_NxV, labels_N):
+    """The loss and, in the logits' buffer, their softmax."""
+    return jax.ffi.ffi_call(
+        _FORWARD, (jax.ShapeDtypeStruct(labels_N.shape, jnp.float32),
+                   jax.ShapeDtypeStruct(logits_NxV.shape, jnp.float32)),
+        vmap_method="broadcast_all", input_output_aliases={0: 1})(logits_NxV, labels_N)
+
+
+@jax.named_scope("cross_entropy")
+def _gradient(softmax_NxV, labels_N, g_N, transposed: bool = False):
+    """g (softmax - onehot) in the softmax's buffer; with `transposed`, its transpose too."""
+    shapes = [jax.ShapeDtypeStruct(softmax_NxV.shape, jnp.float32)]
+    if transposed:
+        shapes.append(jax.ShapeDtypeStruct(softmax_NxV.shape[::-1], jnp.float32))
+    outputs = jax.ffi.ffi_call(_BACKWARD_T if transposed else _BACKWARD, tuple(shapes),
+                               vmap_method="broadcast_all", input_output_aliases={0: 0})(
+        softmax_NxV, labels_N, g_N)
+    return outputs if transposed else outputs[0]
+
+
 @jax.custom_vjp
-def _fused(logits, labels):
-    nll = jax.ShapeDtypeStruct(labels.shape, jnp.float32)
-    return jax.ffi.ffi_call(_LOSS, nll, vmap_method="broadcast_all")(logits, labels)
+@jax.named_scope("cross_entropy")
+def _fused(logits_NxV, labels_N):
+    nll = jax.ShapeDtypeStruct(labels_N.shape, jnp.float32)
+    return jax.ffi.ffi_call(_LOSS, nll, vmap_method="broadcast_all")(logits_NxV, labels_N)
 
 
-def _fused_forward(logits, labels):
-    nll, softmax = jax.ffi.ffi_call(
-        _FORWARD, (jax.ShapeDtypeStruct(labels.shape, jnp.float32),
-                   jax.ShapeDtypeStruct(logits.shape, jnp.float32)),
-        vmap_method="broadcast_all", input_output_aliases={0: 1})(logits, labels)
-    return nll, (softmax, labels)
+def _fused_forward(logits_NxV, labels_N):
+    nll_N, softmax_NxV = _nll_and_softmax(logits_NxV, labels_N)
+    return nll_N, (softmax_NxV, labels_N)
 
 
-def _fused_backward(residuals, g):
-    softmax, labels = residuals
-    dlogits = jax.ffi.ffi_call(_BACKWARD, jax.ShapeDtypeStruct(softmax.shape, jnp.float32),
-                               vmap_method="broadcast_all",
-                               input_output_aliases={0: 0})(softmax, labels, g)
-    return dlogits, None
+def _fused_backward(residuals, g_N):
+    softmax_NxV, labels_N = residuals
+    return _gradient(softmax_NxV, labels_N, g_N), None
 
 
 _fused.defvjp(_fused_forward, _fused_backward)
+
+
+@jax.named_scope("tied_head")
+def _head_logits(h_NxD, table_VxD):  # as GPT.logits computes them
+    return jnp.einsum("...d,vd->...v", h_NxD, table_VxD)
+
+
+@jax.custom_vjp
+def _fused_head(h_NxD, table_VxD, labels_N):
+    return _fused(_head_logits(h_NxD, table_VxD), labels_N)
+
+
+def _fused_head_forward(h_NxD, table_VxD, labels_N):
+    nll_N, softmax_NxV = _nll_and_softmax(_head_logits(h_NxD, table_VxD), labels_N)
+    return nll_N, (softmax_NxV, h_NxD, table_VxD, labels_N)
+
+
+def _fused_head_backward(residuals, g_N):
+    softmax_NxV, h_NxD, table_VxD, labels_N = residuals
+    dlogits_NxV, dlogits_VxN = _gradient(softmax_NxV, labels_N, g_N, transposed=True)
+    with jax.named_scope("tied_head"):
+        return dlogits_NxV @ table_VxD, dlogits_VxN @ h_NxD, None
+
+
+_fused_head.defvjp(_fused_head_forward, _fused_head_backward)
+
+
+def _use_fused(fused: bool | None) -> bool:
+    if fused is None:
+        return (os.environ.get("GPT_JAX_FUSED_CE", "1") != "0" and jax.default_backend() == "cpu"
+                and fused_available())
+    if fused and not fused_available():
+        raise RuntimeError("the fused cross-entropy kernel could not be built (see the log)")
+    return fused
 
 
 def softmax_cross_entropy(logits_NxV: jax.Array, labels_N: jax.Array, *,
@@ -105,12 +157,20 @@ def softmax_cross_entropy(logits_NxV: jax.Array, labels_N: jax.Array, *,
     """
     logits_NxV = logits_NxV.astype(jnp.float32)
     labels_N = labels_N.astype(jnp.int32)
-    if fused is None:
-        fused = (os.environ.get("GPT_JAX_FUSED_CE", "1") != "0" and jax.default_backend() == "cpu"
-                 and fused_available())
-    elif fused and not fused_available():
-        raise RuntimeError("the fused cross-entropy kernel could not be built (see the log)")
-    if fused:  # as rows: the head's matmul makes them, and XLA then aliases its buffer
-        return _fused(logits_NxV.reshape(-1, logits_NxV.shape[-1]), labels_N.reshape(-1)
-                      ).reshape(labels_N.shape)
-    return optax.softmax_cross_entropy_with_integer_labels(logits_NxV, labels_N)
+    if not _use_fused(fused):
+        return optax.softmax_cross_entropy_with_integer_labels(logits_NxV, labels_N)
+    # As rows: the head's matmul makes them so, and XLA then hands its buffer over uncopied.
+    return _fused(logits_NxV.reshape(-1, logits_NxV.shape[-1]), labels_N.reshape(-1)
+                  ).reshape(labels_N.shape)
+
+
+def tied_head_cross_entropy(h_NxD: jax.Array, table_VxD: jax.Array, labels_N: jax.Array, *,
+                            fused: bool | None = None) -> jax.Array:
+    """softmax_cross_entropy(h @ table.T, labels), any leading shape of h. Fused (float32 h
+    and table), the table's gradient reads a transpose of the logits' gradient that the
+    kernel writes while it has each tile in cache, not one XLA copies out afterwards."""
+    if not (h_NxD.dtype == table_VxD.dtype == jnp.float32 and _use_fused(fused)):
+        return softmax_cross_entropy(_head_logits(h_NxD, table_VxD), labels_N, fused=fused)
+    h_NxD_rows = h_NxD.reshape(-1, h_NxD.shape[-1])
+    return _fused_head(h_NxD_rows, table_VxD, labels_N.astype(jnp.int32).reshape(-1)
+                       ).reshape(labels_N.shape)

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpt.cross_entropy import softmax_cross_entropy, tied_head_cross_entropy
+
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # both papers' GELU
@@ -314,3 +316,12 @@ class GPT(nn.Module):
 
     def __call__(self, tokens_BxT, deterministic: bool = True):
         return self.logits(self.hidden_states(tokens_BxT, deterministic))
+
+    def next_token_nll(self, tokens_BxT, targets_BxT, deterministic: bool = True):
+        """-log p(target) at each position: the loss of `__call__`'s logits, with a tied head
+        and the loss one op (on CPU, gpt.cross_entropy's fused kernel)."""
+        h_BxTxD = self.hidden_states(tokens_BxT, deterministic)
+        if self.cfg.tie_embeddings:
+            h_BxTxD, table_VxD = nn.dtypes.promote_dtype(h_BxTxD, self.wte.embedding, dtype=self.wte.dtype)
+            return tied_head_cross_entropy(h_BxTxD, table_VxD, targets_BxT)
+        return softmax_cross_entropy(self.logits(h_BxTxD), targets_BxT)

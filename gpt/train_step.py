@@ -18,7 +18,6 @@ import optax
 from flax.training import train_state
 
 from gpt.compiler import default_compiler_options
-from gpt.cross_entropy import softmax_cross_entropy
 from gpt.model import GPT
 
 PARALLELISMS = ("jit", "pmap", "mesh")
@@ -46,11 +45,6 @@ def create_state(model: GPT, tx: optax.GradientTransformation, seed: int, seq_le
     return jax.jit(init, out_shardings=out_shardings)()
 
 
-def cross_entropy(logits_BxTxV, targets_BxT) -> jax.Array:
-    """Mean next-token cross-entropy in float32."""
-    return softmax_cross_entropy(logits_BxTxV, targets_BxT).mean()
-
-
 # (params, apply_fn, batch, dropout rng, train) -> (loss, {name: scalar metric})
 Loss = Callable[..., tuple[jax.Array, dict]]
 # (params, apply_fn, batch) -> {name: scalar averaged over the batch, or per-example array}
@@ -59,9 +53,9 @@ Evaluate = Callable[..., dict]
 
 def lm_loss(params, apply_fn, batch, rng, train: bool):
     """Next-token cross-entropy of batch["inputs"] against batch["targets"]."""
-    logits_BxTxV = apply_fn({"params": params}, batch["inputs"], deterministic=not train,
-                            rngs={"dropout": rng} if train else None)
-    return cross_entropy(logits_BxTxV, batch["targets"]), {}
+    nll_BxT = apply_fn({"params": params}, batch["inputs"], batch["targets"], deterministic=not train,
+                       rngs={"dropout": rng} if train else None, method="next_token_nll")
+    return nll_BxT.mean(), {}
 
 
 def lm_evaluate(params, apply_fn, batch):

@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from gpt import cross_entropy
-from gpt.cross_entropy import softmax_cross_entropy
-from tests.helpers import ROOT
+from gpt.cross_entropy import softmax_cross_entropy, tied_head_cross_entropy
+from tests.helpers import ROOT, batches, max_relative_error, model_and_state, tiny_config
 
 
 def _logits_and_labels(shape, vocab, scale, seed=0):
@@ -107,3 +107,42 @@ def test_without_a_compiler_it_falls_back_to_optax(tmp_path):
     assert "refused: the fused cross-entropy kernel could not be built" in result.stdout
     assert "fused cross-entropy unavailable, using XLA's" in result.stderr
     assert not list(tmp_path.glob("gpt-jax/*.so*"))  # no half-built library left behind
+
+
+# 32 rows fill the kernel's blocks of 16 (streamed transposes on AVX-512); 37 leave a tail.
+@pytest.mark.parametrize("rows,vocab", [(32, 1001), (37, 333)])
+def test_tied_head_gradients_match_autodiff_of_the_unfused_head(rows, vocab):
+    k_h, k_table, k_labels, k_weights = jax.random.split(jax.random.key(2), 4)
+    h = jax.random.normal(k_h, (rows, 8))
+    table = jax.random.normal(k_table, (vocab, 8))
+    labels = jax.random.randint(k_labels, (rows,), 0, vocab)
+    weights = jax.random.uniform(k_weights, (rows,))
+
+    def grads(fused):
+        def loss(h, table):
+            return (tied_head_cross_entropy(h, table, labels, fused=fused) * weights).sum()
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(h, table)
+
+    (ours, (dh, dtable)), (ref, (dh_ref, dtable_ref)) = grads(True), grads(False)
+    np.testing.assert_allclose(ours, ref, rtol=2e-6)
+    assert max_relative_error(dh, dh_ref) < 1e-6 and max_relative_error(dtable, dtable_ref) < 1e-6
+    assert "gpt_cross_entropy_bwd_t" in jax.jit(jax.grad(lambda h: tied_head_cross_entropy(
+        h, table, labels, fused=True).sum())).lower(h).as_text()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_next_token_nll_is_the_loss_of_the_models_logits(tied):
+    config = tiny_config(**{"model.tie_embeddings": tied})
+    model, _, state = model_and_state(config)
+    batch = batches(config, 1)[0]
+
+    def loss(params, fused_path):
+        variables = {"params": params}
+        if fused_path:
+            return model.apply(variables, batch["inputs"], batch["targets"], method="next_token_nll").mean()
+        logits = model.apply(variables, batch["inputs"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+    (ours, grads), (ref, grads_ref) = (jax.value_and_grad(loss)(state.params, path) for path in (True, False))
+    np.testing.assert_allclose(ours, ref, rtol=2e-6)
+    assert max_relative_error(grads, grads_ref) < 1e-5
