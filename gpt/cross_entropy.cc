@@ -48,7 +48,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// exp(x) for x <= 0 as the loops use it (x = logit - row max or - logsumexp): Cody-Waite
+// exp(x) for x <= 0 as the loops use it (x = logit - row max): Cody-Waite
 // range reduction and Cephes' degree-6 polynomial, within 8.4e-8 relative (under one ulp) of exp
 // at every float in [-87, 0.5], with no branch or call so that every ISA's loop vectorises
 // (built with -fno-trapping-math, so the clamp is a select).

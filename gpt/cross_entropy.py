@@ -3,11 +3,12 @@
 On XLA's CPU backend the loss and its gradient over GPT-2's 50,257-way logits cost about as
 much as the head's three matmuls at small widths: XLA makes about six passes over the
 [tokens, vocab] matrix (max, exp, sum; then the softmax times the incoming gradient, the one-hot
-subtraction and a transposed copy). `cross_entropy.cc` is one pass forward and one backward,
-run as XLA FFI custom calls on XLA's own thread pool. It is compiled on first use with the
-machine's C++ compiler into a cache directory; without one, or on GPU and TPU, the same
-function is optax's, which XLA fuses well there. GPT_JAX_FUSED_CE=0 in the environment also
-selects optax's, for comparison.
+subtraction, and a transposed copy for the table's gradient). `cross_entropy.cc` reads the
+logits once forward, writing the softmax over them, and once backward, writing the gradient
+over the softmax and, for a tied head (`tied_head_cross_entropy`), its transpose. The kernels
+are XLA FFI custom calls on XLA's own thread pool, compiled on first use with the machine's
+C++ compiler into a cache directory. Without one, on GPU and TPU, or with GPT_JAX_FUSED_CE=0
+in the environment, the same functions are optax's loss under XLA's autodiff.
 """
 from __future__ import annotations
 
@@ -88,8 +89,10 @@ def _gradient(softmax_NxV, labels_N, g_N, transposed: bool = False):
     shapes = [jax.ShapeDtypeStruct(softmax_NxV.shape, jnp.float32)]
     if transposed:
         shapes.append(jax.ShapeDtypeStruct(softmax_NxV.shape[::-1], jnp.float32))
+    # Under vmap, the transpose of stacked rows is not a stack of transposes: one call a slice.
     outputs = jax.ffi.ffi_call(_BACKWARD_T if transposed else _BACKWARD, tuple(shapes),
-                               vmap_method="broadcast_all", input_output_aliases={0: 0})(
+                               vmap_method="sequential" if transposed else "broadcast_all",
+                               input_output_aliases={0: 0})(
         softmax_NxV, labels_N, g_N)
     return outputs if transposed else outputs[0]
 

@@ -146,3 +146,17 @@ def test_next_token_nll_is_the_loss_of_the_models_logits(tied):
     (ours, grads), (ref, grads_ref) = (jax.value_and_grad(loss)(state.params, path) for path in (True, False))
     np.testing.assert_allclose(ours, ref, rtol=2e-6)
     assert max_relative_error(grads, grads_ref) < 1e-5
+
+
+def test_tied_head_under_vmap():
+    k_h, k_table, k_labels = jax.random.split(jax.random.key(3), 3)
+    h = jax.random.normal(k_h, (3, 16, 8))
+    table = jax.random.normal(k_table, (100, 8))
+    labels = jax.random.randint(k_labels, (3, 16), 0, 100)
+
+    def grad_table(fused):
+        def loss(table):
+            return jax.vmap(lambda h, y: tied_head_cross_entropy(h, table, y, fused=fused).sum())(h, labels).sum()
+        return jax.grad(loss)(table)
+
+    assert max_relative_error(grad_table(True), grad_table(False)) < 1e-6
