@@ -118,17 +118,18 @@ _fused.defvjp(_fused_forward, _fused_backward)
 
 
 @jax.named_scope("tied_head")
-def _head_logits(h_NxD, table_VxD):  # as GPT.logits computes them
+def tied_head_logits(h_NxD, table_VxD):
+    """The table's rows contracted as stored (see GPT.logits for why not `h @ table.T`)."""
     return jnp.einsum("...d,vd->...v", h_NxD, table_VxD)
 
 
 @jax.custom_vjp
 def _fused_head(h_NxD, table_VxD, labels_N):
-    return _fused(_head_logits(h_NxD, table_VxD), labels_N)
+    return _fused(tied_head_logits(h_NxD, table_VxD), labels_N)
 
 
 def _fused_head_forward(h_NxD, table_VxD, labels_N):
-    nll_N, softmax_NxV = _nll_and_softmax(_head_logits(h_NxD, table_VxD), labels_N)
+    nll_N, softmax_NxV = _nll_and_softmax(tied_head_logits(h_NxD, table_VxD), labels_N)
     return nll_N, (softmax_NxV, h_NxD, table_VxD, labels_N)
 
 
@@ -173,7 +174,7 @@ def tied_head_cross_entropy(h_NxD: jax.Array, table_VxD: jax.Array, labels_N: ja
     and table), the table's gradient reads a transpose of the logits' gradient that the
     kernel writes while it has each tile in cache, not one XLA copies out afterwards."""
     if not (h_NxD.dtype == table_VxD.dtype == jnp.float32 and _use_fused(fused)):
-        return softmax_cross_entropy(_head_logits(h_NxD, table_VxD), labels_N, fused=fused)
+        return softmax_cross_entropy(tied_head_logits(h_NxD, table_VxD), labels_N, fused=fused)
     h_NxD_rows = h_NxD.reshape(-1, h_NxD.shape[-1])
     return _fused_head(h_NxD_rows, table_VxD, labels_N.astype(jnp.int32).reshape(-1)
                        ).reshape(labels_N.shape)

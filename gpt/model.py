@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpt.cross_entropy import softmax_cross_entropy, tied_head_cross_entropy
+from gpt.cross_entropy import softmax_cross_entropy, tied_head_cross_entropy, tied_head_logits
 
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = {
@@ -310,9 +310,11 @@ class GPT(nn.Module):
         and 5.6-6.1 instead of 10.7-10.8 ms per new token for the head at GPT-2 small
         (tools/op_profile.py --of=sample)."""
         if self.cfg.tie_embeddings:
-            h_BxTxD, table_VxD = nn.dtypes.promote_dtype(h_BxTxD, self.wte.embedding, dtype=self.wte.dtype)
-            return jnp.einsum("...d,vd->...v", h_BxTxD, table_VxD).astype(jnp.float32)
+            return tied_head_logits(*self._tied_head_operands(h_BxTxD)).astype(jnp.float32)
         return self.lm_head(h_BxTxD).astype(jnp.float32)
+
+    def _tied_head_operands(self, h_BxTxD):
+        return nn.dtypes.promote_dtype(h_BxTxD, self.wte.embedding, dtype=self.wte.dtype)
 
     def __call__(self, tokens_BxT, deterministic: bool = True):
         return self.logits(self.hidden_states(tokens_BxT, deterministic))
@@ -322,6 +324,5 @@ class GPT(nn.Module):
         and the loss one op (on CPU, gpt.cross_entropy's fused kernel)."""
         h_BxTxD = self.hidden_states(tokens_BxT, deterministic)
         if self.cfg.tie_embeddings:
-            h_BxTxD, table_VxD = nn.dtypes.promote_dtype(h_BxTxD, self.wte.embedding, dtype=self.wte.dtype)
-            return tied_head_cross_entropy(h_BxTxD, table_VxD, targets_BxT)
+            return tied_head_cross_entropy(*self._tied_head_operands(h_BxTxD), targets_BxT)
         return softmax_cross_entropy(self.logits(h_BxTxD), targets_BxT)
