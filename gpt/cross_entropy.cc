@@ -15,8 +15,8 @@
 //
 // Training calls _fwd, then _bwd or (tied head) _bwd_t: the softmax overwrites the logits,
 // which nothing else reads, and the gradient overwrites the softmax, so the step allocates no
-// [tokens, vocab] buffer beyond the logits and the transpose. As in XLA's log-softmax, the loss is log(sum exp(x - max)) - (x_label -
-// max), never through a rounded logsumexp.
+// [tokens, vocab] buffer beyond the logits and the transpose. As in XLA's log-softmax, the
+// loss is log(sum exp(x - max)) - (x_label - max), never through a rounded logsumexp.
 //
 // A label outside [0, V) gives a NaN loss and no one-hot term, never an out-of-bounds read.
 #include <algorithm>
