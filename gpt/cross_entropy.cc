@@ -20,56 +20,23 @@
 //
 // A label outside [0, V) gives a NaN loss and no one-hot term, never an out-of-bounds read.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <cstring>
 #include <limits>
-#include <memory>
-#include <mutex>
-#include <utility>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
-#include "xla/ffi/api/ffi.h"
+#include "cpu_kernels.h"
 
 namespace ffi = xla::ffi;
-
-// One build serves machines with and without AVX-512: the loops over a row are compiled per
-// ISA and picked when the library loads.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define ROW_KERNEL __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define ROW_KERNEL
-#endif
+using gpt::Exp;
+using gpt::ParallelFor;
 
 namespace {
 
-// exp(x) for x <= 0 as the loops use it (x = logit - row max): Cody-Waite
-// range reduction and Cephes' degree-6 polynomial (tests/test_cross_entropy.py holds the loss
-// to optax's distance from float64), with no branch or call so that every ISA's loop vectorises
-// (built with -fno-trapping-math, so the clamp is a select).
-// x below -87 counts as -87: exp(-87) = 1.6e-38, below any sum it could change.
-__attribute__((always_inline)) inline float Exp(float x) {
-  x = std::max(x, -87.0f);
-  // Rounds to nearest by adding and subtracting 1.5 * 2^23: SSE2 has no vector round.
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return p * two_n;
-}
+constexpr int64_t kRows = 16;  // a block of rows: one 64-byte line of a transposed column
 
 ROW_KERNEL float RowMax(const float* x, int64_t v) {
   float m = -std::numeric_limits<float>::infinity();
@@ -97,37 +64,6 @@ ROW_KERNEL void RowScale(const float* x, int64_t v, float scale, float* out) {
   for (int64_t j = 0; j < v; ++j) out[j] = scale * x[j];
 }
 
-// Calls body(begin, end) on blocks of [0, n) from the calling thread and XLA's intra-op pool.
-// The caller waits for blocks, not for tasks: a task that starts after the work is claimed
-// finds none and returns, so a busy pool delays nothing and cannot deadlock.
-template <typename Body>
-void ParallelFor(ffi::ThreadPool& pool, int64_t n, const Body& body) {
-  constexpr int64_t kBlock = 16;  // rows: one 64-byte line of a transposed column
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-  struct Work {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable all_done;
-  };
-  auto work = std::make_shared<Work>();
-  auto run = [work, blocks, n, &body] {  // body is only touched while the caller waits
-    for (int64_t b; (b = work->next.fetch_add(1)) < blocks;) {
-      body(b * kBlock, std::min(n, (b + 1) * kBlock));
-      if (work->done.fetch_add(1) + 1 == blocks) {
-        std::lock_guard<std::mutex> lock(work->mu);
-        work->all_done.notify_all();
-      }
-    }
-  };
-  for (int64_t t = std::min(pool.num_threads(), blocks - 1); t > 0; --t) {
-    auto task = run;
-    pool.Schedule(std::move(task));
-  }
-  run();
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->all_done.wait(lock, [&] { return work->done.load() == blocks; });
-}
-
 // The loss of each row, and with `softmax` (which may be `logits` itself) its softmax.
 ffi::Error Loss(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& logits, ffi::Buffer<ffi::S32>& labels,
                 float* nll, float* softmax) {
@@ -139,7 +75,7 @@ ffi::Error Loss(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& logits, ffi::Buffe
   }
   const float* x = logits.typed_data();
   const int32_t* y = labels.typed_data();
-  ParallelFor(pool, n, [&](int64_t begin, int64_t end) {
+  ParallelFor(pool, n, kRows, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float* row = x + i * v;
       const float m = RowMax(row, v);
@@ -203,7 +139,7 @@ ffi::Error Gradient(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& softmax,
   const float* p = softmax.typed_data();
   const int32_t* y = labels.typed_data();
   const float* gi = g.typed_data();
-  ParallelFor(pool, n, [&](int64_t begin, int64_t end) {
+  ParallelFor(pool, n, kRows, [&](int64_t begin, int64_t end) {
     for (int64_t j0 = 0; j0 < v; j0 += kColumns) {
       const int64_t j1 = std::min(v, j0 + kColumns);
       for (int64_t i = begin; i < end; ++i) {

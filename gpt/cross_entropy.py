@@ -6,72 +6,19 @@ much as the head's three matmuls at small widths: XLA makes about six passes ove
 subtraction, and a transposed copy for the table's gradient). `cross_entropy.cc` reads the
 logits once forward, writing the softmax over them, and once backward, writing the gradient
 over the softmax and, for a tied head (`tied_head_cross_entropy`), its transpose. The kernels
-are XLA FFI custom calls on XLA's own thread pool, compiled on first use with the machine's
-C++ compiler into a cache directory. Without one, on GPU and TPU, or with GPT_JAX_FUSED_CE=0
-in the environment, the same functions are optax's loss under XLA's autodiff.
+are built and registered by gpt/cpu_kernels.py. Without a compiler, on GPU and TPU, or with
+GPT_JAX_FUSED_CE=0 in the environment, the same functions are optax's loss under XLA's autodiff.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-import hashlib
-import logging
-import os
-import pathlib
-import subprocess
-import tempfile
-
 import jax
 import jax.numpy as jnp
-import jaxlib
 import optax
 
-_SOURCE = pathlib.Path(__file__).with_suffix(".cc")
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-trapping-math"]
+from gpt import cpu_kernels
+
 _LOSS, _FORWARD = "gpt_cross_entropy", "gpt_cross_entropy_fwd"
 _BACKWARD, _BACKWARD_T = "gpt_cross_entropy_bwd", "gpt_cross_entropy_bwd_t"
-
-
-def _cache_dir() -> pathlib.Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return pathlib.Path(root) / "gpt-jax"
-
-
-def build() -> pathlib.Path:
-    """Compiles cross_entropy.cc once per source, jaxlib version and compiler; concurrent
-    builders each write a temporary file and the last rename wins."""
-    compiler = os.environ.get("CXX", "c++")
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), jaxlib.__version__, compiler, *_FLAGS])
-                         .encode()).hexdigest()[:16]
-    library = _cache_dir() / f"cross_entropy-{key}.so"
-    if not library.exists():
-        library.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE),
-                            "-o", partial], check=True, capture_output=True, text=True)
-            os.replace(partial, library)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
-    return library
-
-
-@functools.cache
-def fused_available() -> bool:
-    """Whether the fused kernel is built and registered with XLA's CPU backend (once a process)."""
-    try:
-        library = ctypes.CDLL(str(build()))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        logging.warning("fused cross-entropy unavailable, using XLA's: %s", detail.strip()[-500:])
-        return False
-    for name, symbol in [(_LOSS, library.GptCrossEntropy), (_FORWARD, library.GptCrossEntropyFwd),
-                         (_BACKWARD, library.GptCrossEntropyBwd),
-                         (_BACKWARD_T, library.GptCrossEntropyBwdT)]:
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
-    return True
 
 
 @jax.named_scope("cross_entropy")  # for profiles (tools/op_profile.py)
@@ -144,12 +91,7 @@ _fused_head.defvjp(_fused_head_forward, _fused_head_backward)
 
 
 def _use_fused(fused: bool | None) -> bool:
-    if fused is None:
-        return (os.environ.get("GPT_JAX_FUSED_CE", "1") != "0" and jax.default_backend() == "cpu"
-                and fused_available())
-    if fused and not fused_available():
-        raise RuntimeError("the fused cross-entropy kernel could not be built (see the log)")
-    return fused
+    return cpu_kernels.use(fused, "GPT_JAX_FUSED_CE", "cross-entropy")
 
 
 def softmax_cross_entropy(logits_NxV: jax.Array, labels_N: jax.Array, *,

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gpt import attention
 from gpt.cross_entropy import softmax_cross_entropy, tied_head_cross_entropy, tied_head_logits
 
 NORM_POSITIONS = ("pre", "post")
@@ -27,7 +28,8 @@ REMAT_POLICIES = {  # what the backward pass may keep instead of recomputing
     "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
 }
-ATTENTIONS = ("xla", "dot_product")  # einsum + softmax | jax.nn.dot_product_attention (cuDNN on GPU)
+ATTENTIONS = ("xla", "dot_product")  # einsum + softmax (on CPU gpt/attention.py's kernel where it
+# applies) | jax.nn.dot_product_attention (cuDNN on GPU)
 
 
 class ConfigError(ValueError):
@@ -133,9 +135,13 @@ class CausalSelfAttention(nn.Module):
         `positions_BxT` first, and each query attends to the slots at or before its position."""
         cfg = self.cfg
         B, T, _ = x_BxTxD.shape
-        qkv = _dense(cfg, 3 * cfg.d_model, "c_attn")(x_BxTxD)
+        qkv_BxTx3D = _dense(cfg, 3 * cfg.d_model, "c_attn")(x_BxTxD)
+        if (cache is None and cfg.attention == "xla" and (deterministic or cfg.attn_pdrop == 0)
+                and attention.usable(cfg.head_dim, qkv_BxTx3D.dtype)):
+            out_BxTxD = attention.causal_self_attention(qkv_BxTx3D, cfg.n_head)
+            return self._project(out_BxTxD, deterministic), None
         q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = (
-            a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))
+            a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
         if cache is None:
             visible_BxTxS = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
         else:
@@ -158,10 +164,13 @@ class CausalSelfAttention(nn.Module):
                 for i in range(0, T, block)], axis=1)
         else:
             out_BxTxHxK = self._attend(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, visible_BxTxS, deterministic)
-        out_BxTxD = _dense(cfg, cfg.d_model, "c_proj", cfg.residual_init_std)(
-            out_BxTxHxK.reshape(B, T, cfg.d_model))
-        out_BxTxD = nn.Dropout(cfg.resid_pdrop)(out_BxTxD, deterministic=deterministic)
+        out_BxTxD = self._project(out_BxTxHxK.reshape(B, T, cfg.d_model), deterministic)
         return out_BxTxD, (None if cache is None else (k_BxSxHxK, v_BxSxHxK))
+
+    def _project(self, heads_BxTxD, deterministic):
+        """c_proj over the heads' concatenated outputs, then residual dropout."""
+        out_BxTxD = _dense(self.cfg, self.cfg.d_model, "c_proj", self.cfg.residual_init_std)(heads_BxTxD)
+        return nn.Dropout(self.cfg.resid_pdrop)(out_BxTxD, deterministic=deterministic)
 
     def _attend(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, visible_BxTxS, deterministic):
         cfg = self.cfg

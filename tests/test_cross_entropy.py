@@ -1,8 +1,5 @@
 """The fused CPU cross-entropy kernel against optax's, which is the definition."""
 import functools
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,22 +7,14 @@ import numpy as np
 import optax
 import pytest
 
-from gpt import cross_entropy
 from gpt.cross_entropy import softmax_cross_entropy, tied_head_cross_entropy
-from tests.helpers import ROOT, batches, max_relative_error, model_and_state, tiny_config
+from tests.helpers import batches, max_relative_error, model_and_state, tiny_config
 
 
 def _logits_and_labels(shape, vocab, scale, seed=0):
     k_logits, k_labels = jax.random.split(jax.random.key(seed))
     return (jax.random.normal(k_logits, (*shape, vocab)) * scale,
             jax.random.randint(k_labels, shape, 0, vocab))
-
-
-def test_the_kernel_builds_here():
-    # Not a skip: CI and the README's setup have a C++ compiler, so the fast path is what
-    # the rest of the suite exercises.
-    assert cross_entropy.fused_available()
-    assert cross_entropy.build() == cross_entropy.build()  # cached: built once per source
 
 
 def _float64_truth(logits, labels, weights):
@@ -89,24 +78,6 @@ def test_cpu_steps_use_the_kernel_unless_switched_off(monkeypatch):
     assert "gpt_cross_entropy_fwd" in hlo() and "gpt_cross_entropy_bwd" in hlo()
     monkeypatch.setenv("GPT_JAX_FUSED_CE", "0")
     assert "gpt_cross_entropy" not in hlo()
-
-
-def test_without_a_compiler_it_falls_back_to_optax(tmp_path):
-    code = ("import jax, numpy as np, optax\n"
-            "from gpt.cross_entropy import softmax_cross_entropy, fused_available\n"
-            "x = jax.random.normal(jax.random.key(0), (3, 9)); y = np.array([0, 4, 8])\n"
-            "assert not fused_available()\n"
-            "np.testing.assert_allclose(softmax_cross_entropy(x, y),\n"
-            "    optax.softmax_cross_entropy_with_integer_labels(x, y))\n"
-            "try:\n    softmax_cross_entropy(x, y, fused=True)\nexcept RuntimeError as e:\n"
-            "    print('refused:', e)\n")
-    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), XDG_CACHE_HOME=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "refused: the fused cross-entropy kernel could not be built" in result.stdout
-    assert "fused cross-entropy unavailable, using XLA's" in result.stderr
-    assert not list(tmp_path.glob("gpt-jax/*.so*"))  # no half-built library left behind
 
 
 # 32 rows fill the kernel's blocks of 16 (streamed transposes on AVX-512); 37 leave a tail.

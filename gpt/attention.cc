@@ -1,0 +1,303 @@
+// Causal self-attention over float32 as XLA FFI handlers for the CPU backend, flash-attention
+// style: scores in 64 x 64 tiles that stay in L1, an online softmax, and no tile above the
+// diagonal computed. XLA's attention slices q, k and v out of the projection, transposes them
+// per head, writes the [T, T] scores and probabilities of every head to memory and reads them
+// back forward and backward; these read q, k and v where c_attn wrote them and write the
+// output where c_proj reads it.
+//
+//   gpt_attention_fwd(qkv [..., T, 3 * H * K]; heads = H) -> (out [..., T, H * K], lse [..., H, T])
+//   gpt_attention_bwd(qkv, out, lse, dout [..., T, H * K]; heads) -> dqkv [..., T, 3 * H * K]
+//
+// qkv is c_attn's output: for each token q, k, v, each H heads of K. lse is each query's
+// log-sum-exp of its scaled scores, kept for the backward, which recomputes the probabilities
+// from it (FlashAttention-2's backward: one task per batch row and head, so the query gradient
+// of a head is written by one thread, and summed over key tiles in its own buffer).
+// K is 16, 32, 64 or 128; the Python side falls back to XLA's attention for other widths.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace ffi = xla::ffi;
+using gpt::Exp;
+using gpt::ParallelFor;
+
+namespace {
+
+constexpr int64_t kTile = 64;  // queries and keys per tile
+
+typedef float V16 __attribute__((vector_size(64)));
+
+__attribute__((always_inline)) inline V16 Load(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+__attribute__((always_inline)) inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// c[i][0:N] += sum over d < depth of a[i * a_row + d * a_col] * b[d * b_row + 0:N] for R rows:
+// the R x N accumulators stay in vector registers while b's rows stream past.
+template <int N, int R>
+__attribute__((always_inline)) inline void TileRows(int64_t depth, const float* a, int64_t a_row,
+                                                    int64_t a_col, const float* b, int64_t b_row,
+                                                    float* c, int64_t c_row) {
+  constexpr int W = N / 16;
+  V16 acc[R][W];
+  for (int i = 0; i < R; ++i) {
+    for (int w = 0; w < W; ++w) acc[i][w] = Load(c + i * c_row + 16 * w);
+  }
+  for (int64_t d = 0; d < depth; ++d) {
+    V16 bd[W];
+    for (int w = 0; w < W; ++w) bd[w] = Load(b + d * b_row + 16 * w);
+    for (int i = 0; i < R; ++i) {
+      const float s = a[i * a_row + d * a_col];
+      for (int w = 0; w < W; ++w) acc[i][w] += s * bd[w];
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int w = 0; w < W; ++w) Store(c + i * c_row + 16 * w, acc[i][w]);
+  }
+}
+
+// The same for `rows` rows of c: c += a @ b, a [rows, depth] read through its strides.
+template <int N>
+__attribute__((always_inline)) inline void MatMulAdd(int64_t rows, int64_t depth, const float* a,
+                                                     int64_t a_row, int64_t a_col, const float* b,
+                                                     int64_t b_row, float* c, int64_t c_row) {
+  constexpr int R = N >= 128 ? 2 : 4;  // R * N / 16 accumulators of 32 AVX-512 registers
+  int64_t i = 0;
+  for (; i + R <= rows; i += R) {
+    TileRows<N, R>(depth, a + i * a_row, a_row, a_col, b, b_row, c + i * c_row, c_row);
+  }
+  for (; i < rows; ++i) TileRows<N, 1>(depth, a + i * a_row, a_row, a_col, b, b_row, c + i * c_row, c_row);
+}
+
+// out[d * kTile + j] = x[j * stride + d] for j < n, zero for n <= j < kTile: a tile of keys or
+// values with the head's dimensions as rows, so that scores come out a row at a time.
+template <int K>
+__attribute__((always_inline)) inline void Transpose(const float* x, int64_t stride, int64_t n,
+                                                     float* out) {
+  for (int64_t j = 0; j < kTile; ++j) {
+    for (int d = 0; d < K; ++d) out[d * kTile + j] = j < n ? x[j * stride + d] : 0.0f;
+  }
+}
+
+struct Shape {
+  int64_t batch, t, heads;
+  int64_t tiles() const { return (t + kTile - 1) / kTile; }
+};
+
+// Which keys of tile `kt` query `q0 + i` of tile `qt` sees: all n, or on the diagonal i + 1.
+__attribute__((always_inline)) inline int64_t Visible(int64_t qt, int64_t kt, int64_t i, int64_t n) {
+  return qt == kt ? i + 1 : n;
+}
+
+// One tile of queries of one head: out and lse for rows q0 .. q0 + m.
+template <int K>
+ROW_KERNEL void ForwardTile(const Shape& shape, const float* qkv, int64_t b, int64_t h, int64_t qt,
+                            float* out, float* lse) {
+  const int64_t d_model = shape.heads * K, row = 3 * d_model, t = shape.t;
+  const float* x = qkv + b * t * row + h * K;  // this head's q; its k at + d_model, v at + 2 d_model
+  const int64_t q0 = qt * kTile, m = std::min(kTile, t - q0);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(K));
+  alignas(64) float q[kTile * K], keys_t[K * kTile], p[kTile * kTile], o[kTile * K];
+  float row_max[kTile], row_sum[kTile];
+  for (int64_t i = 0; i < m; ++i) {
+    for (int d = 0; d < K; ++d) q[i * K + d] = scale * x[(q0 + i) * row + d];
+    row_max[i] = -std::numeric_limits<float>::infinity();
+    row_sum[i] = 0.0f;
+  }
+  std::fill(o, o + m * K, 0.0f);
+  for (int64_t kt = 0; kt <= qt; ++kt) {
+    const int64_t k0 = kt * kTile, n = std::min(kTile, t - k0);
+    Transpose<K>(x + k0 * row + d_model, row, n, keys_t);
+    std::fill(p, p + m * kTile, 0.0f);
+    MatMulAdd<kTile>(m, K, q, K, 1, keys_t, kTile, p, kTile);
+    for (int64_t i = 0; i < m; ++i) {
+      float* s = p + i * kTile;
+      const int64_t visible = Visible(qt, kt, i, n);
+      float new_max = row_max[i];
+      for (int64_t j = 0; j < visible; ++j) new_max = s[j] > new_max ? s[j] : new_max;
+      const float rescale = Exp(row_max[i] - new_max);
+      float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < kTile; ++j) {
+        s[j] = j < visible ? Exp(s[j] - new_max) : 0.0f;
+        sum += s[j];
+      }
+      row_sum[i] = row_sum[i] * rescale + sum;
+      row_max[i] = new_max;
+#pragma omp simd
+      for (int d = 0; d < K; ++d) o[i * K + d] *= rescale;
+    }
+    MatMulAdd<K>(m, n, p, kTile, 1, x + k0 * row + 2 * d_model, row, o, K);
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    const float inverse = 1.0f / row_sum[i];
+    float* y = out + (b * t + q0 + i) * d_model + h * K;
+    for (int d = 0; d < K; ++d) y[d] = o[i * K + d] * inverse;
+    lse[(b * shape.heads + h) * t + q0 + i] = row_max[i] + std::log(row_sum[i]);
+  }
+}
+
+// All of one head's gradients: dq, dk and dv of batch row b, head h.
+template <int K>
+ROW_KERNEL void BackwardHead(const Shape& shape, const float* qkv, const float* out,
+                             const float* lse, const float* dout, int64_t b, int64_t h,
+                             float* dqkv) {
+  const int64_t d_model = shape.heads * K, row = 3 * d_model, t = shape.t;
+  const float* x = qkv + b * t * row + h * K;
+  const float* y = out + b * t * d_model + h * K;
+  const float* dy = dout + b * t * d_model + h * K;
+  const float* head_lse = lse + (b * shape.heads + h) * t;
+  float* dx = dqkv + b * t * row + h * K;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(K));
+  std::vector<float> q(t * K), dq(t * K, 0.0f), delta(t);  // scaled queries; rowsum(dout * out)
+  for (int64_t i = 0; i < t; ++i) {
+    float s = 0.0f;
+    for (int d = 0; d < K; ++d) {
+      q[i * K + d] = scale * x[i * row + d];
+      s += dy[i * d_model + d] * y[i * d_model + d];
+    }
+    delta[i] = s;
+  }
+  alignas(64) float keys_t[K * kTile], values_t[K * kTile], p[kTile * kTile], dp[kTile * kTile],
+      dk[kTile * K], dv[kTile * K];
+  for (int64_t kt = 0; kt < shape.tiles(); ++kt) {
+    const int64_t k0 = kt * kTile, n = std::min(kTile, t - k0);
+    const float* keys = x + k0 * row + d_model;
+    Transpose<K>(keys, row, n, keys_t);
+    Transpose<K>(x + k0 * row + 2 * d_model, row, n, values_t);
+    std::fill(dk, dk + n * K, 0.0f);
+    std::fill(dv, dv + n * K, 0.0f);
+    for (int64_t qt = kt; qt < shape.tiles(); ++qt) {
+      const int64_t q0 = qt * kTile, m = std::min(kTile, t - q0);
+      std::fill(p, p + m * kTile, 0.0f);
+      MatMulAdd<kTile>(m, K, q.data() + q0 * K, K, 1, keys_t, kTile, p, kTile);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t visible = Visible(qt, kt, i, n);
+        const float l = head_lse[q0 + i];
+        float* s = p + i * kTile;
+#pragma omp simd
+        for (int64_t j = 0; j < kTile; ++j) s[j] = j < visible ? Exp(s[j] - l) : 0.0f;
+      }
+      MatMulAdd<K>(n, m, p, 1, kTile, dy + q0 * d_model, d_model, dv, K);  // dv += p^T dout
+      std::fill(dp, dp + m * kTile, 0.0f);
+      MatMulAdd<kTile>(m, K, dy + q0 * d_model, d_model, 1, values_t, kTile, dp, kTile);
+      for (int64_t i = 0; i < m; ++i) {  // dp becomes the scores' gradient, p * (dp - delta)
+        const float di = delta[q0 + i];
+#pragma omp simd
+        for (int64_t j = 0; j < kTile; ++j) dp[i * kTile + j] = p[i * kTile + j] * (dp[i * kTile + j] - di);
+      }
+      MatMulAdd<K>(m, n, dp, kTile, 1, keys, row, dq.data() + q0 * K, K);  // dq += ds k
+      MatMulAdd<K>(n, m, dp, 1, kTile, q.data() + q0 * K, K, dk, K);       // dk += ds^T q
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      for (int d = 0; d < K; ++d) {
+        dx[(k0 + j) * row + d_model + d] = dk[j * K + d];
+        dx[(k0 + j) * row + 2 * d_model + d] = dv[j * K + d];
+      }
+    }
+  }
+  for (int64_t i = 0; i < t; ++i) {
+    for (int d = 0; d < K; ++d) dx[i * row + d] = scale * dq[i * K + d];
+  }
+}
+
+// (the shape, an error): T is the second-to-last axis of qkv, 3 * heads * K its last.
+std::pair<Shape, ffi::Error> ShapeOf(const ffi::Buffer<ffi::F32>& qkv, int64_t heads, int64_t* k) {
+  const auto dims = qkv.dimensions();
+  if (dims.size() < 2 || heads <= 0 || dims.back() % (3 * heads) != 0) {
+    return {{}, ffi::Error::InvalidArgument("qkv must be [..., T, 3 * heads * head_dim]")};
+  }
+  *k = dims.back() / (3 * heads);
+  if (*k != 16 && *k != 32 && *k != 64 && *k != 128) {
+    return {{}, ffi::Error::InvalidArgument("head_dim must be 16, 32, 64 or 128")};
+  }
+  const int64_t t = dims[dims.size() - 2];
+  return {{static_cast<int64_t>(qkv.element_count()) / (t * dims.back()), t, heads},
+          ffi::Error::Success()};
+}
+
+template <int K>
+void RunForward(ffi::ThreadPool& pool, const Shape& shape, const float* qkv, float* out, float* lse) {
+  const int64_t tiles = shape.tiles();
+  // Tiles from the last (the most keys) down, so that the costliest start first.
+  ParallelFor(pool, shape.batch * shape.heads * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t head = task % (shape.batch * shape.heads);
+      ForwardTile<K>(shape, qkv, head / shape.heads, head % shape.heads,
+                     tiles - 1 - task / (shape.batch * shape.heads), out, lse);
+    }
+  });
+}
+
+template <int K>
+void RunBackward(ffi::ThreadPool& pool, const Shape& shape, const float* qkv, const float* out,
+                 const float* lse, const float* dout, float* dqkv) {
+  ParallelFor(pool, shape.batch * shape.heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      BackwardHead<K>(shape, qkv, out, lse, dout, task / shape.heads, task % shape.heads, dqkv);
+    }
+  });
+}
+
+// Calls fn<K>() for the head width K.
+template <typename Fn>
+void ForHeadDim(int64_t k, const Fn& fn) {
+  switch (k) {
+    case 16: fn(std::integral_constant<int, 16>()); break;
+    case 32: fn(std::integral_constant<int, 32>()); break;
+    case 64: fn(std::integral_constant<int, 64>()); break;
+    default: fn(std::integral_constant<int, 128>()); break;
+  }
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::ResultBuffer<ffi::F32> out,
+                   ffi::ResultBuffer<ffi::F32> lse, int64_t heads) {
+  int64_t k;
+  auto [shape, error] = ShapeOf(qkv, heads, &k);
+  if (error.failure()) return error;
+  ForHeadDim(k, [&](auto width) {
+    RunForward<decltype(width)::value>(pool, shape, qkv.typed_data(), out->typed_data(),
+                                       lse->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> out,
+                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dqkv, int64_t heads) {
+  int64_t k;
+  auto [shape, error] = ShapeOf(qkv, heads, &k);
+  if (error.failure()) return error;
+  ForHeadDim(k, [&](auto width) {
+    RunBackward<decltype(width)::value>(pool, shape, qkv.typed_data(), out.typed_data(),
+                                        lse.typed_data(), dout.typed_data(), dqkv->typed_data());
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptAttentionFwd, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptAttentionBwd, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads"));

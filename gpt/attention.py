@@ -1,0 +1,61 @@
+"""Causal self-attention as one fused CPU kernel forward and one backward (attention.cc).
+
+XLA's attention on CPU slices q, k and v out of c_attn's output, transposes them per head, and
+writes every head's [T, T] scores and probabilities to memory, reading them back for the
+softmax, the second matmul and the backward. The kernel works in 64 x 64 tiles that stay in
+cache with an online softmax (flash attention), skips the tiles above the diagonal, reads q, k
+and v where c_attn wrote them and writes its output where c_proj reads it. The model uses it for
+causal attention without a cache in float32, without attention dropout, on CPU, unless
+GPT_JAX_FUSED_ATTENTION=0 (see CausalSelfAttention).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt import cpu_kernels
+
+HEAD_DIMS = (16, 32, 64, 128)  # the widths attention.cc is compiled for
+
+
+def usable(head_dim: int, dtype, fused: bool | None = None) -> bool:
+    """Whether `causal_self_attention` runs the kernel for this head width and dtype."""
+    return (head_dim in HEAD_DIMS and jnp.dtype(dtype) == jnp.float32
+            and cpu_kernels.use(fused, "GPT_JAX_FUSED_ATTENTION", "attention"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def causal_self_attention(qkv_BxTx3D: jax.Array, n_head: int) -> jax.Array:
+    """softmax(q k^T / sqrt(K), causal) v for c_attn's float32 output [..., T, 3 * D], q, k and v
+    each n_head heads of K = D / n_head; the heads' outputs concatenated, [..., T, D]."""
+    return _forward(qkv_BxTx3D, n_head)[0]
+
+
+@jax.named_scope("attention")  # for profiles (tools/op_profile.py)
+def _forward(qkv_BxTx3D, n_head):
+    cpu_kernels.require("attention")
+    *batch, t, width = qkv_BxTx3D.shape
+    return jax.ffi.ffi_call(
+        "gpt_attention_fwd", (jax.ShapeDtypeStruct((*batch, t, width // 3), jnp.float32),
+                              jax.ShapeDtypeStruct((*batch, n_head, t), jnp.float32)),
+        vmap_method="broadcast_all")(qkv_BxTx3D, heads=np.int64(n_head))
+
+
+def _forward_with_residuals(qkv_BxTx3D, n_head):
+    out_BxTxD, lse_BxHxT = _forward(qkv_BxTx3D, n_head)
+    return out_BxTxD, (qkv_BxTx3D, out_BxTxD, lse_BxHxT)
+
+
+@jax.named_scope("attention")
+def _backward(n_head, residuals, dout_BxTxD):
+    qkv_BxTx3D, out_BxTxD, lse_BxHxT = residuals
+    dqkv = jax.ffi.ffi_call("gpt_attention_bwd", jax.ShapeDtypeStruct(qkv_BxTx3D.shape, jnp.float32),
+                            vmap_method="broadcast_all")(
+        qkv_BxTx3D, out_BxTxD, lse_BxHxT, dout_BxTxD.astype(jnp.float32), heads=np.int64(n_head))
+    return (dqkv,)
+
+
+causal_self_attention.defvjp(_forward_with_residuals, _backward)

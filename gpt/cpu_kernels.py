@@ -1,0 +1,90 @@
+"""The C++ kernels behind the fused loss (cross_entropy.cc) and attention (attention.cc): XLA FFI
+custom calls on XLA's own CPU thread pool, compiled on first use with the machine's C++
+compiler ($CXX, else c++) into a cache directory, one library for both. Without a compiler, on
+GPU and TPU, or with the kernel's environment variable set to 0, callers use XLA's ops instead.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import subprocess
+import tempfile
+
+import jax
+import jaxlib
+
+_HERE = pathlib.Path(__file__).parent
+_SOURCES = [_HERE / "cross_entropy.cc", _HERE / "attention.cc"]
+_HEADERS = [_HERE / "cpu_kernels.h"]
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-trapping-math"]
+# XLA's name for each custom call -> the handler symbol the library exports.
+_TARGETS = {
+    "gpt_cross_entropy": "GptCrossEntropy",
+    "gpt_cross_entropy_fwd": "GptCrossEntropyFwd",
+    "gpt_cross_entropy_bwd": "GptCrossEntropyBwd",
+    "gpt_cross_entropy_bwd_t": "GptCrossEntropyBwdT",
+    "gpt_attention_fwd": "GptAttentionFwd",
+    "gpt_attention_bwd": "GptAttentionBwd",
+}
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(root) / "gpt-jax"
+
+
+def build() -> pathlib.Path:
+    """Compiles the kernels once per source, jaxlib version and compiler; concurrent builders
+    each write a temporary file and the last rename wins."""
+    compiler = os.environ.get("CXX", "c++")
+    texts = [path.read_text() for path in _SOURCES + _HEADERS]
+    key = hashlib.sha256("\0".join([*texts, jaxlib.__version__, compiler, *_FLAGS])
+                         .encode()).hexdigest()[:16]
+    library = _cache_dir() / f"gpt_kernels-{key}.so"
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
+        os.close(fd)
+        try:
+            subprocess.run([compiler, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES),
+                            "-o", partial], check=True, capture_output=True, text=True)
+            os.replace(partial, library)
+        finally:
+            if os.path.exists(partial):
+                os.remove(partial)
+    return library
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels are built and registered with XLA's CPU backend (once a process)."""
+    try:
+        library = ctypes.CDLL(str(build()))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        logging.warning("fused CPU kernels unavailable, using XLA's ops: %s", detail.strip()[-500:])
+        return False
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+                                    platform="cpu")
+    return True
+
+
+def require(what: str) -> None:
+    """Raises unless the kernels are built and registered."""
+    if not available():
+        raise RuntimeError(f"the fused {what} kernel could not be built (see the log)")
+
+
+def use(fused: bool | None, variable: str, what: str) -> bool:
+    """Whether to call a kernel. fused=None: when tracing for CPU, with the kernels available
+    and the environment variable not 0; True insists (an error without them); False: never."""
+    if fused is None:
+        return os.environ.get(variable, "1") != "0" and jax.default_backend() == "cpu" and available()
+    if fused:
+        require(what)
+    return fused

@@ -1,0 +1,107 @@
+"""The fused CPU attention kernel against causal attention computed in float64."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt.attention import causal_self_attention
+from gpt.model import GPT, GPTConfig
+from tests.helpers import max_relative_error
+
+
+def _float64_truth(qkv, dout, heads):
+    """Causal attention's output and its gradient with respect to qkv, by the textbook."""
+    x = np.asarray(qkv, np.float64)
+    *batch, t, width = x.shape
+    k_dim = width // 3 // heads
+    q, k, v = (np.moveaxis(a.reshape(*batch, t, heads, k_dim), -2, -3) for a in np.split(x, 3, -1))
+    scale = 1 / np.sqrt(k_dim)
+    s = q @ np.swapaxes(k, -1, -2) * scale
+    s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = p @ v
+    do = np.moveaxis(np.asarray(dout, np.float64).reshape(*batch, t, heads, k_dim), -2, -3)
+    dv = np.swapaxes(p, -1, -2) @ do
+    dp = do @ np.swapaxes(v, -1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq, dk = ds @ k * scale, np.swapaxes(ds, -1, -2) @ q * scale
+    merge = lambda a: np.moveaxis(a, -3, -2).reshape(*batch, t, heads * k_dim)  # noqa: E731
+    return merge(out), np.concatenate([merge(dq), merge(dk), merge(dv)], -1)
+
+
+def _xla(qkv, heads):
+    """The same in float32 by XLA's ops: the error the kernel is held to."""
+    *batch, t, width = qkv.shape
+    q, k, v = (a.reshape(*batch, t, heads, -1) for a in jnp.split(qkv, 3, -1))
+    s = jnp.einsum("...qhk,...shk->...hqs", q, k) / np.sqrt(q.shape[-1])
+    s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+    return jnp.einsum("...hqs,...shk->...qhk", jax.nn.softmax(s, -1), v).reshape(*batch, t, -1)
+
+
+# Sequences within one tile of 64, exactly tiles, and with a partial last tile; every width.
+@pytest.mark.parametrize("batch,t,heads,k_dim", [
+    (2, 5, 3, 16), (1, 64, 2, 32), (2, 130, 2, 64), (1, 200, 1, 128), (3, 128, 2, 16)])
+def test_output_and_gradient_match_float64(batch, t, heads, k_dim):
+    k_qkv, k_dout = jax.random.split(jax.random.key(t))
+    qkv = jax.random.normal(k_qkv, (batch, t, 3 * heads * k_dim)) * 2  # peaked softmaxes too
+    dout = jax.random.normal(k_dout, (batch, t, heads * k_dim))
+    out_truth, dqkv_truth = _float64_truth(qkv, dout, heads)
+    errors = {}
+    for name, fn in [("kernel", causal_self_attention), ("xla", _xla)]:
+        out, vjp = jax.vjp(lambda x: fn(x, heads), qkv)  # noqa: B023
+        errors[name] = (max_relative_error(out, out_truth), max_relative_error(vjp(dout)[0], dqkv_truth))
+    assert errors["kernel"][0] < 3 * errors["xla"][0] + 1e-7, errors
+    assert errors["kernel"][1] < 3 * errors["xla"][1] + 1e-7, errors
+
+
+def test_under_vmap_and_jit():
+    qkv = jax.random.normal(jax.random.key(1), (3, 2, 70, 3 * 2 * 16))
+    dout = jax.random.normal(jax.random.key(2), (3, 2, 70, 2 * 16))
+
+    def loss(x):
+        return jax.vmap(lambda x: (causal_self_attention(x, 2) * dout[0]).sum())(x).sum()
+
+    out_truth, dqkv_truth = _float64_truth(qkv, jnp.broadcast_to(dout[0], dout.shape), 2)
+    grad = jax.jit(jax.grad(loss))(qkv)
+    assert max_relative_error(grad, dqkv_truth) < 1e-6
+    assert max_relative_error(jax.vmap(lambda x: causal_self_attention(x, 2))(qkv), out_truth) < 1e-6
+
+
+def _model(**overrides):
+    fields = dict(vocab_size=97, max_len=80, n_layer=2, d_model=64, n_head=4, d_ff=128,
+                  embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+    return GPT(GPTConfig(**{**fields, **overrides}))
+
+
+def test_the_model_matches_its_xla_attention(monkeypatch):
+    model = _model()
+    tokens = jax.random.randint(jax.random.key(0), (2, 80), 0, 97)
+    params = model.init(jax.random.key(1), tokens)["params"]
+
+    def loss_and_grad():
+        fn = jax.jit(jax.value_and_grad(lambda p: model.apply(
+            {"params": p}, tokens, tokens, method="next_token_nll").mean()))
+        assert ("gpt_attention_fwd" in fn.lower(params).as_text()) == (fused == "1")
+        return fn(params)
+
+    results = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("GPT_JAX_FUSED_ATTENTION", fused)
+        results[fused] = loss_and_grad()
+    np.testing.assert_allclose(results["1"][0], results["0"][0], rtol=1e-6)
+    assert max_relative_error(results["1"][1], results["0"][1]) < 1e-5
+
+
+@pytest.mark.parametrize("overrides,deterministic", [
+    ({"attn_pdrop": 0.1}, False),  # attention dropout: the kernel has none
+    ({"dtype": "bfloat16"}, True),  # float32 only
+    ({"n_head": 8}, True),  # head width 8
+    ({"attention": "dot_product"}, True)])
+def test_the_model_keeps_xlas_attention_where_the_kernel_does_not_apply(overrides, deterministic):
+    model = _model(**overrides)
+    tokens = jnp.zeros((1, 80), jnp.int32)
+    params = model.init(jax.random.key(1), tokens)["params"]
+    hlo = jax.jit(lambda p: model.apply({"params": p}, tokens, deterministic=deterministic,
+                                        rngs={"dropout": jax.random.key(0)})).lower(params).as_text()
+    assert "gpt_attention" not in hlo
