@@ -1,5 +1,5 @@
 // Causal self-attention over float32 as XLA FFI handlers for the CPU backend, flash-attention
-// style: scores in 64 x 64 tiles that stay in L1, an online softmax, and no tile above the
+// style: scores in 64 x 64 tiles that stay in cache, an online softmax, and no tile above the
 // diagonal computed. XLA's attention slices q, k and v out of the projection, transposes them
 // per head, writes the [T, T] scores and probabilities of every head to memory and reads them
 // back forward and backward; these read q, k and v where c_attn wrote them and write the
@@ -10,8 +10,8 @@
 //
 // qkv is c_attn's output: for each token q, k, v, each H heads of K. lse is each query's
 // log-sum-exp of its scaled scores, kept for the backward, which recomputes the probabilities
-// from it (FlashAttention-2's backward: one task per batch row and head, so the query gradient
-// of a head is written by one thread, and summed over key tiles in its own buffer).
+// from it (FlashAttention-2's backward). Both run one task per batch row and head: forward, its
+// keys are transposed once; backward, its query gradient, summed over key tiles, has one writer.
 // K is 16, 32, 64 or 128; the Python side falls back to XLA's attention for other widths.
 #include <algorithm>
 #include <cmath>
@@ -76,13 +76,13 @@ __attribute__((always_inline)) inline void MatMulAdd(int64_t rows, int64_t depth
   for (; i < rows; ++i) TileRows<N, 1>(depth, a + i * a_row, a_row, a_col, b, b_row, c + i * c_row, c_row);
 }
 
-// out[d * kTile + j] = x[j * stride + d] for j < n, zero for n <= j < kTile: a tile of keys or
-// values with the head's dimensions as rows, so that scores come out a row at a time.
+// out[d * width + j] = x[j * stride + d] for j < n, zero for n <= j < width: keys or values
+// with the head's dimensions as rows, so that scores come out a row at a time.
 template <int K>
 __attribute__((always_inline)) inline void Transpose(const float* x, int64_t stride, int64_t n,
-                                                     float* out) {
-  for (int64_t j = 0; j < kTile; ++j) {
-    for (int d = 0; d < K; ++d) out[d * kTile + j] = j < n ? x[j * stride + d] : 0.0f;
+                                                     int64_t width, float* out) {
+  for (int64_t j = 0; j < width; ++j) {
+    for (int d = 0; d < K; ++d) out[d * width + j] = j < n ? x[j * stride + d] : 0.0f;
   }
 }
 
@@ -96,51 +96,56 @@ __attribute__((always_inline)) inline int64_t Visible(int64_t qt, int64_t kt, in
   return qt == kt ? i + 1 : n;
 }
 
-// One tile of queries of one head: out and lse for rows q0 .. q0 + m.
+// One head's output and lse: its keys transposed once, then each tile of queries against the
+// tiles of keys at or before it.
 template <int K>
-ROW_KERNEL void ForwardTile(const Shape& shape, const float* qkv, int64_t b, int64_t h, int64_t qt,
-                            float* out, float* lse) {
-  const int64_t d_model = shape.heads * K, row = 3 * d_model, t = shape.t;
+ROW_KERNEL void ForwardHead(const Shape& shape, const float* qkv, int64_t b, int64_t h, float* out,
+                            float* lse) {
+  const int64_t d_model = shape.heads * K, row = 3 * d_model, t = shape.t, width = shape.tiles() * kTile;
   const float* x = qkv + b * t * row + h * K;  // this head's q; its k at + d_model, v at + 2 d_model
-  const int64_t q0 = qt * kTile, m = std::min(kTile, t - q0);
   const float scale = 1.0f / std::sqrt(static_cast<float>(K));
-  alignas(64) float q[kTile * K], keys_t[K * kTile], p[kTile * kTile], o[kTile * K];
+  std::vector<float> keys_t(K * width);
+  Transpose<K>(x + d_model, row, t, width, keys_t.data());
+  alignas(64) float q[kTile * K], p[kTile * kTile], o[kTile * K];
   float row_max[kTile], row_sum[kTile];
-  for (int64_t i = 0; i < m; ++i) {
-    for (int d = 0; d < K; ++d) q[i * K + d] = scale * x[(q0 + i) * row + d];
-    row_max[i] = -std::numeric_limits<float>::infinity();
-    row_sum[i] = 0.0f;
-  }
-  std::fill(o, o + m * K, 0.0f);
-  for (int64_t kt = 0; kt <= qt; ++kt) {
-    const int64_t k0 = kt * kTile, n = std::min(kTile, t - k0);
-    Transpose<K>(x + k0 * row + d_model, row, n, keys_t);
-    std::fill(p, p + m * kTile, 0.0f);
-    MatMulAdd<kTile>(m, K, q, K, 1, keys_t, kTile, p, kTile);
+  for (int64_t qt = 0; qt < shape.tiles(); ++qt) {
+    const int64_t q0 = qt * kTile, m = std::min(kTile, t - q0);
     for (int64_t i = 0; i < m; ++i) {
-      float* s = p + i * kTile;
-      const int64_t visible = Visible(qt, kt, i, n);
-      float new_max = row_max[i];
-      for (int64_t j = 0; j < visible; ++j) new_max = s[j] > new_max ? s[j] : new_max;
-      const float rescale = Exp(row_max[i] - new_max);
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < kTile; ++j) {
-        s[j] = j < visible ? Exp(s[j] - new_max) : 0.0f;
-        sum += s[j];
-      }
-      row_sum[i] = row_sum[i] * rescale + sum;
-      row_max[i] = new_max;
-#pragma omp simd
-      for (int d = 0; d < K; ++d) o[i * K + d] *= rescale;
+      for (int d = 0; d < K; ++d) q[i * K + d] = scale * x[(q0 + i) * row + d];
+      row_max[i] = -std::numeric_limits<float>::infinity();
+      row_sum[i] = 0.0f;
     }
-    MatMulAdd<K>(m, n, p, kTile, 1, x + k0 * row + 2 * d_model, row, o, K);
-  }
-  for (int64_t i = 0; i < m; ++i) {
-    const float inverse = 1.0f / row_sum[i];
-    float* y = out + (b * t + q0 + i) * d_model + h * K;
-    for (int d = 0; d < K; ++d) y[d] = o[i * K + d] * inverse;
-    lse[(b * shape.heads + h) * t + q0 + i] = row_max[i] + std::log(row_sum[i]);
+    std::fill(o, o + m * K, 0.0f);
+    for (int64_t kt = 0; kt <= qt; ++kt) {
+      const int64_t k0 = kt * kTile, n = std::min(kTile, t - k0);
+      std::fill(p, p + m * kTile, 0.0f);
+      MatMulAdd<kTile>(m, K, q, K, 1, keys_t.data() + k0, width, p, kTile);
+      for (int64_t i = 0; i < m; ++i) {
+        float* s = p + i * kTile;
+        const int64_t visible = Visible(qt, kt, i, n);
+        float new_max = row_max[i];
+#pragma omp simd reduction(max : new_max)
+        for (int64_t j = 0; j < kTile; ++j) new_max = j < visible && s[j] > new_max ? s[j] : new_max;
+        const float rescale = Exp(row_max[i] - new_max);
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < kTile; ++j) {
+          s[j] = j < visible ? Exp(s[j] - new_max) : 0.0f;
+          sum += s[j];
+        }
+        row_sum[i] = row_sum[i] * rescale + sum;
+        row_max[i] = new_max;
+#pragma omp simd
+        for (int d = 0; d < K; ++d) o[i * K + d] *= rescale;
+      }
+      MatMulAdd<K>(m, n, p, kTile, 1, x + k0 * row + 2 * d_model, row, o, K);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      const float inverse = 1.0f / row_sum[i];
+      float* y = out + (b * t + q0 + i) * d_model + h * K;
+      for (int d = 0; d < K; ++d) y[d] = o[i * K + d] * inverse;
+      lse[(b * shape.heads + h) * t + q0 + i] = row_max[i] + std::log(row_sum[i]);
+    }
   }
 }
 
@@ -170,8 +175,8 @@ ROW_KERNEL void BackwardHead(const Shape& shape, const float* qkv, const float* 
   for (int64_t kt = 0; kt < shape.tiles(); ++kt) {
     const int64_t k0 = kt * kTile, n = std::min(kTile, t - k0);
     const float* keys = x + k0 * row + d_model;
-    Transpose<K>(keys, row, n, keys_t);
-    Transpose<K>(x + k0 * row + 2 * d_model, row, n, values_t);
+    Transpose<K>(keys, row, n, kTile, keys_t);
+    Transpose<K>(x + k0 * row + 2 * d_model, row, n, kTile, values_t);
     std::fill(dk, dk + n * K, 0.0f);
     std::fill(dv, dv + n * K, 0.0f);
     for (int64_t qt = kt; qt < shape.tiles(); ++qt) {
@@ -225,13 +230,9 @@ std::pair<Shape, ffi::Error> ShapeOf(const ffi::Buffer<ffi::F32>& qkv, int64_t h
 
 template <int K>
 void RunForward(ffi::ThreadPool& pool, const Shape& shape, const float* qkv, float* out, float* lse) {
-  const int64_t tiles = shape.tiles();
-  // Tiles from the last (the most keys) down, so that the costliest start first.
-  ParallelFor(pool, shape.batch * shape.heads * tiles, 1, [&](int64_t begin, int64_t end) {
+  ParallelFor(pool, shape.batch * shape.heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t head = task % (shape.batch * shape.heads);
-      ForwardTile<K>(shape, qkv, head / shape.heads, head % shape.heads,
-                     tiles - 1 - task / (shape.batch * shape.heads), out, lse);
+      ForwardHead<K>(shape, qkv, task / shape.heads, task % shape.heads, out, lse);
     }
   });
 }
