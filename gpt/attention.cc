@@ -39,16 +39,16 @@ __attribute__((always_inline)) inline V16 Load(const float* p) {
 
 __attribute__((always_inline)) inline void Store(float* p, V16 v) { std::memcpy(p, &v, sizeof(v)); }
 
-// c[i][0:N] += sum over d < depth of a[i * a_row + d * a_col] * b[d * b_row + 0:N] for R rows:
-// the R x N accumulators stay in vector registers while b's rows stream past.
-template <int N, int R>
+// c[i][0:N] (+)= sum over d < depth of a[i * a_row + d * a_col] * b[d * b_row + 0:N] for R rows
+// (+= when kAdd): the R x N accumulators stay in vector registers while b's rows stream past.
+template <int N, int R, bool kAdd>
 __attribute__((always_inline)) inline void TileRows(int64_t depth, const float* a, int64_t a_row,
                                                     int64_t a_col, const float* b, int64_t b_row,
                                                     float* c, int64_t c_row) {
   constexpr int W = N / 16;
   V16 acc[R][W];
   for (int i = 0; i < R; ++i) {
-    for (int w = 0; w < W; ++w) acc[i][w] = Load(c + i * c_row + 16 * w);
+    for (int w = 0; w < W; ++w) acc[i][w] = kAdd ? Load(c + i * c_row + 16 * w) : V16{};
   }
   for (int64_t d = 0; d < depth; ++d) {
     V16 bd[W];
@@ -63,17 +63,17 @@ __attribute__((always_inline)) inline void TileRows(int64_t depth, const float* 
   }
 }
 
-// The same for `rows` rows of c: c += a @ b, a [rows, depth] read through its strides.
-template <int N>
+// The same for `rows` rows of c: c (+)= a @ b, a [rows, depth] read through its strides.
+template <int N, bool kAdd = true>
 __attribute__((always_inline)) inline void MatMulAdd(int64_t rows, int64_t depth, const float* a,
                                                      int64_t a_row, int64_t a_col, const float* b,
                                                      int64_t b_row, float* c, int64_t c_row) {
   constexpr int R = N >= 128 ? 2 : 4;  // R * N / 16 accumulators of 32 AVX-512 registers
   int64_t i = 0;
   for (; i + R <= rows; i += R) {
-    TileRows<N, R>(depth, a + i * a_row, a_row, a_col, b, b_row, c + i * c_row, c_row);
+    TileRows<N, R, kAdd>(depth, a + i * a_row, a_row, a_col, b, b_row, c + i * c_row, c_row);
   }
-  for (; i < rows; ++i) TileRows<N, 1>(depth, a + i * a_row, a_row, a_col, b, b_row, c + i * c_row, c_row);
+  for (; i < rows; ++i) TileRows<N, 1, kAdd>(depth, a + i * a_row, a_row, a_col, b, b_row, c + i * c_row, c_row);
 }
 
 // out[d * width + j] = x[j * stride + d] for j < n, zero for n <= j < width: keys or values
@@ -118,8 +118,7 @@ ROW_KERNEL void ForwardHead(const Shape& shape, const float* qkv, int64_t b, int
     std::fill(o, o + m * K, 0.0f);
     for (int64_t kt = 0; kt <= qt; ++kt) {
       const int64_t k0 = kt * kTile, n = std::min(kTile, t - k0);
-      std::fill(p, p + m * kTile, 0.0f);
-      MatMulAdd<kTile>(m, K, q, K, 1, keys_t.data() + k0, width, p, kTile);
+      MatMulAdd<kTile, false>(m, K, q, K, 1, keys_t.data() + k0, width, p, kTile);
       for (int64_t i = 0; i < m; ++i) {
         float* s = p + i * kTile;
         const int64_t visible = Visible(qt, kt, i, n);
@@ -181,8 +180,7 @@ ROW_KERNEL void BackwardHead(const Shape& shape, const float* qkv, const float* 
     std::fill(dv, dv + n * K, 0.0f);
     for (int64_t qt = kt; qt < shape.tiles(); ++qt) {
       const int64_t q0 = qt * kTile, m = std::min(kTile, t - q0);
-      std::fill(p, p + m * kTile, 0.0f);
-      MatMulAdd<kTile>(m, K, q.data() + q0 * K, K, 1, keys_t, kTile, p, kTile);
+      MatMulAdd<kTile, false>(m, K, q.data() + q0 * K, K, 1, keys_t, kTile, p, kTile);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t visible = Visible(qt, kt, i, n);
         const float l = head_lse[q0 + i];
@@ -191,8 +189,7 @@ ROW_KERNEL void BackwardHead(const Shape& shape, const float* qkv, const float* 
         for (int64_t j = 0; j < kTile; ++j) s[j] = j < visible ? Exp(s[j] - l) : 0.0f;
       }
       MatMulAdd<K>(n, m, p, 1, kTile, dy + q0 * d_model, d_model, dv, K);  // dv += p^T dout
-      std::fill(dp, dp + m * kTile, 0.0f);
-      MatMulAdd<kTile>(m, K, dy + q0 * d_model, d_model, 1, values_t, kTile, dp, kTile);
+      MatMulAdd<kTile, false>(m, K, dy + q0 * d_model, d_model, 1, values_t, kTile, dp, kTile);
       for (int64_t i = 0; i < m; ++i) {  // dp becomes the scores' gradient, p * (dp - delta)
         const float di = delta[q0 + i];
 #pragma omp simd
