@@ -86,6 +86,14 @@ __attribute__((always_inline)) inline void Transpose(const float* x, int64_t str
   }
 }
 
+// A thread's scratch floats, kept between calls: a fresh 128 KiB vector per head per call came
+// from mmap, its pages faulted in and zeroed every time.
+float* Scratch(int64_t floats) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(floats);
+  return buffer.data();
+}
+
 struct Shape {
   int64_t batch, t, heads;
   int64_t tiles() const { return (t + kTile - 1) / kTile; }
@@ -104,8 +112,8 @@ ROW_KERNEL void ForwardHead(const Shape& shape, const float* qkv, int64_t b, int
   const int64_t d_model = shape.heads * K, row = 3 * d_model, t = shape.t, width = shape.tiles() * kTile;
   const float* x = qkv + b * t * row + h * K;  // this head's q; its k at + d_model, v at + 2 d_model
   const float scale = 1.0f / std::sqrt(static_cast<float>(K));
-  std::vector<float> keys_t(K * width);
-  Transpose<K>(x + d_model, row, t, width, keys_t.data());
+  float* keys_t = Scratch(K * width);
+  Transpose<K>(x + d_model, row, t, width, keys_t);
   alignas(64) float q[kTile * K], p[kTile * kTile], o[kTile * K];
   float row_max[kTile], row_sum[kTile];
   for (int64_t qt = 0; qt < shape.tiles(); ++qt) {
@@ -118,7 +126,7 @@ ROW_KERNEL void ForwardHead(const Shape& shape, const float* qkv, int64_t b, int
     std::fill(o, o + m * K, 0.0f);
     for (int64_t kt = 0; kt <= qt; ++kt) {
       const int64_t k0 = kt * kTile, n = std::min(kTile, t - k0);
-      MatMulAdd<kTile, false>(m, K, q, K, 1, keys_t.data() + k0, width, p, kTile);
+      MatMulAdd<kTile, false>(m, K, q, K, 1, keys_t + k0, width, p, kTile);
       for (int64_t i = 0; i < m; ++i) {
         float* s = p + i * kTile;
         const int64_t visible = Visible(qt, kt, i, n);
@@ -160,7 +168,10 @@ ROW_KERNEL void BackwardHead(const Shape& shape, const float* qkv, const float* 
   const float* head_lse = lse + (b * shape.heads + h) * t;
   float* dx = dqkv + b * t * row + h * K;
   const float scale = 1.0f / std::sqrt(static_cast<float>(K));
-  std::vector<float> q(t * K), dq(t * K, 0.0f), delta(t);  // scaled queries; rowsum(dout * out)
+  float* q = Scratch(t * (2 * K + 1));  // scaled queries, their gradient, rowsum(dout * out)
+  float* dq = q + t * K;
+  float* delta = dq + t * K;
+  std::fill(dq, dq + t * K, 0.0f);
   for (int64_t i = 0; i < t; ++i) {
     float s = 0.0f;
     for (int d = 0; d < K; ++d) {
@@ -180,7 +191,7 @@ ROW_KERNEL void BackwardHead(const Shape& shape, const float* qkv, const float* 
     std::fill(dv, dv + n * K, 0.0f);
     for (int64_t qt = kt; qt < shape.tiles(); ++qt) {
       const int64_t q0 = qt * kTile, m = std::min(kTile, t - q0);
-      MatMulAdd<kTile, false>(m, K, q.data() + q0 * K, K, 1, keys_t, kTile, p, kTile);
+      MatMulAdd<kTile, false>(m, K, q + q0 * K, K, 1, keys_t, kTile, p, kTile);
       for (int64_t i = 0; i < m; ++i) {
         const int64_t visible = Visible(qt, kt, i, n);
         const float l = head_lse[q0 + i];
@@ -195,8 +206,8 @@ ROW_KERNEL void BackwardHead(const Shape& shape, const float* qkv, const float* 
 #pragma omp simd
         for (int64_t j = 0; j < kTile; ++j) dp[i * kTile + j] = p[i * kTile + j] * (dp[i * kTile + j] - di);
       }
-      MatMulAdd<K>(m, n, dp, kTile, 1, keys, row, dq.data() + q0 * K, K);  // dq += ds k
-      MatMulAdd<K>(n, m, dp, 1, kTile, q.data() + q0 * K, K, dk, K);       // dk += ds^T q
+      MatMulAdd<K>(m, n, dp, kTile, 1, keys, row, dq + q0 * K, K);  // dq += ds k
+      MatMulAdd<K>(n, m, dp, 1, kTile, q + q0 * K, K, dk, K);       // dk += ds^T q
     }
     for (int64_t j = 0; j < n; ++j) {
       for (int d = 0; d < K; ++d) {
