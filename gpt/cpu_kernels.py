@@ -5,6 +5,8 @@ GPU and TPU, or with the kernel's environment variable set to 0, callers use XLA
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -30,6 +32,7 @@ _TARGETS = {
     "gpt_attention_fwd": "GptAttentionFwd",
     "gpt_attention_bwd": "GptAttentionBwd",
 }
+_OFF = contextvars.ContextVar("gpt_cpu_kernels_off", default=False)
 
 
 def _cache_dir() -> pathlib.Path:
@@ -80,11 +83,34 @@ def require(what: str) -> None:
         raise RuntimeError(f"the fused {what} kernel could not be built (see the log)")
 
 
+@contextlib.contextmanager
+def off():
+    """Within it, `use(None, ...)` is False: what is traced there uses XLA's ops."""
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
+
+
+def traced_without(fn):
+    """fn, traced with the kernels off. For programs partitioned over several devices: XLA's
+    partitioner cannot split a custom call, so it would gather each one's operands whole onto
+    every device, where its own ops stay sharded."""
+    @functools.wraps(fn)
+    def without(*args, **kwargs):
+        with off():
+            return fn(*args, **kwargs)
+    return without
+
+
 def use(fused: bool | None, variable: str, what: str) -> bool:
-    """Whether to call a kernel. fused=None: when tracing for CPU, with the kernels available
-    and the environment variable not 0; True insists (an error without them); False: never."""
+    """Whether to call a kernel. fused=None: when tracing for CPU, outside `off()`, with the
+    kernels available and the environment variable not 0; True insists (an error without
+    them); False: never."""
     if fused is None:
-        return os.environ.get(variable, "1") != "0" and jax.default_backend() == "cpu" and available()
+        return (not _OFF.get() and os.environ.get(variable, "1") != "0"
+                and jax.default_backend() == "cpu" and available())
     if fused:
         require(what)
     return fused

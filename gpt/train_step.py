@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
+from gpt import cpu_kernels
 from gpt.compiler import default_compiler_options
 from gpt.model import GPT
 
@@ -169,6 +170,8 @@ def _mesh_steps(step, evaluate, mesh: jax.sharding.Mesh, options: dict) -> Steps
     batch_sharding = jax.sharding.NamedSharding(mesh, P(MESH_AXES))
     replicated = jax.sharding.NamedSharding(mesh, P())
     state_shardings = functools.partial(fsdp_shardings, mesh)
+    if mesh.size > 1:
+        step, evaluate = cpu_kernels.traced_without(step), cpu_kernels.traced_without(evaluate)
     compiled = {}
 
     def train(state, batch):

@@ -3,7 +3,11 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
+
 from gpt import cpu_kernels
+from gpt.model import GPT, GPTConfig
 from tests.helpers import ROOT
 
 
@@ -38,3 +42,22 @@ def test_without_a_compiler_the_model_runs_on_xlas_ops(tmp_path):
     assert "refused: the fused cross-entropy kernel could not be built" in result.stdout
     assert "fused CPU kernels unavailable, using XLA's ops" in result.stderr
     assert not list(tmp_path.glob("gpt-jax/*.so*"))  # no half-built library left behind
+
+
+def test_what_is_traced_without_the_kernels_uses_xlas_ops():
+    # What the mesh steps trace with (gpt/train_step.py): XLA's partitioner would gather a
+    # custom call's operands whole onto every device.
+    model = GPT(GPTConfig(vocab_size=50, max_len=8, n_layer=1, d_model=32, n_head=2, d_ff=64))
+    tokens = np.zeros((2, 8), np.int32)
+    params = model.init(jax.random.key(0), tokens)["params"]
+
+    def hlo(fn):
+        return jax.jit(fn).lower(params).as_text()
+
+    def nll(p):
+        return model.apply({"params": p}, tokens, tokens, method="next_token_nll").mean()
+
+    kernels = hlo(nll)
+    assert "gpt_attention_fwd" in kernels and "gpt_cross_entropy" in kernels
+    assert "gpt_" not in hlo(cpu_kernels.traced_without(nll))
+    assert "gpt_attention_fwd" in hlo(nll)  # only within
