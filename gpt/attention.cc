@@ -231,9 +231,8 @@ std::pair<Shape, ffi::Error> ShapeOf(const ffi::Buffer<ffi::F32>& qkv, int64_t h
   if (*k != 16 && *k != 32 && *k != 64 && *k != 128) {
     return {{}, ffi::Error::InvalidArgument("head_dim must be 16, 32, 64 or 128")};
   }
-  const int64_t t = dims[dims.size() - 2];
-  return {{static_cast<int64_t>(qkv.element_count()) / (t * dims.back()), t, heads},
-          ffi::Error::Success()};
+  const int64_t t = dims[dims.size() - 2], count = static_cast<int64_t>(qkv.element_count());
+  return {{count == 0 ? 0 : count / (t * dims.back()), t, heads}, ffi::Error::Success()};
 }
 
 template <int K>

@@ -105,3 +105,8 @@ def test_the_model_keeps_xlas_attention_where_the_kernel_does_not_apply(override
     hlo = jax.jit(lambda p: model.apply({"params": p}, tokens, deterministic=deterministic,
                                         rngs={"dropout": jax.random.key(0)})).lower(params).as_text()
     assert "gpt_attention" not in hlo
+
+
+def test_empty_sequences_give_empty_outputs():
+    out, vjp = jax.vjp(lambda x: causal_self_attention(x, 2), jnp.zeros((2, 0, 3 * 2 * 16)))
+    assert out.shape == (2, 0, 32) and vjp(out)[0].shape == (2, 0, 96)

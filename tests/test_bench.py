@@ -42,14 +42,15 @@ def test_op_profile_names_the_model_parts():
     # the layer index and the jvp wrappers are gone; forward and backward stay apart
     assert {"tied_head/...d,vd->...v/dot_general", "backward tied_head/dot_general",
             "cross_entropy/ffi_call", "backward cross_entropy/ffi_call",
+            "attn/attention/ffi_call", "backward attn/attention/ffi_call",
             "mlp/c_fc/dot_general"} <= {line.split(None, 1)[1] for line in parts}
     assert len(result.stdout.split("\n\n")[1].splitlines()) == 1 + 3  # --top ops
 
 
 def test_xla_options_ab_times_each_variant():
-    result = run("tools.xla_options_ab", *TOOL_SHAPE, "--variants=ynnpack,ours:attention_block=8",
-                 "--repeats=1")
+    variant = "ours:attention_block=8:GPT_JAX_FUSED_ATTENTION=0"  # blocks matter without the kernel
+    result = run("tools.xla_options_ab", *TOOL_SHAPE, f"--variants=ynnpack,{variant}", "--repeats=1")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()[-2:]
-    assert [line.split()[0] for line in lines] == ["ynnpack", "ours:attention_block=8"]
+    assert [line.split()[0] for line in lines] == ["ynnpack", variant]
     assert lines[0].split()[-2:] == ["1.00x", "ynnpack"]

@@ -1,7 +1,8 @@
 """The train step compiled under several sets of XLA CPU options, and optionally model
 settings, timed interleaved in one process (A B C A B C ...), so a shared machine's drift hits
 every variant alike: how gpt/compiler.py's CPU_COMPILER_OPTIONS were chosen. A variant is an
-option set, optionally with model fields after colons: `onednn:attention_block=0`. Give it GLIBC_TUNABLES=
+option set, optionally with model fields after colons, `onednn:attention_block=0`, or environment
+variables set while it is traced, `ours:GPT_JAX_FUSED_ATTENTION=0`. Give it GLIBC_TUNABLES=
 glibc.malloc.hugetlb=1 to time the steps as the programs run them (see experiments/__init__.py).
 
 python tools/xla_options_ab.py --config=configs/gpt2.py:small --config.data.seq_len=512 \
@@ -12,6 +13,7 @@ import os
 import statistics
 import sys
 import time
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -35,15 +37,18 @@ _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS),
                               f"Each one of {', '.join(VARIANTS)}[:model_field=value...].")
 
 
-def _variant(model: GPT, spec: str) -> tuple[GPT, dict]:
-    """(the model with the spec's fields replaced, its compile options)."""
+def _variant(model: GPT, spec: str) -> tuple[GPT, dict, dict]:
+    """(the model with the spec's fields replaced, its compile options, its environment)."""
     options, *fields = spec.split(":")
-    changes = {}
+    changes, environment = {}, {}
     for field in fields:
         key, value = field.split("=", 1)
+        if key.isupper():  # read when the step is traced (the kernels' switches)
+            environment[key] = value
+            continue
         default = getattr(model.cfg, key)
         changes[key] = value.lower() == "true" if isinstance(default, bool) else type(default)(value)
-    return GPT(dataclasses.replace(model.cfg, **changes)), VARIANTS[options]
+    return GPT(dataclasses.replace(model.cfg, **changes)), VARIANTS[options], environment
 
 
 def main(_):
@@ -52,10 +57,11 @@ def main(_):
     batch = jax.device_put(bench.random_batch(config, np.random.default_rng(0)))
     states, compiled = {}, {}
     for name in _VARIANTS.value:
-        variant, options = _variant(model, name)
+        variant, options, environment = _variant(model, name)
         train = make_steps(variant, schedule, "jit", compiler_options={}).train  # XLA's defaults
         states[name] = create_state(variant, tx, config.train.seed, config.data.seq_len)
-        compiled[name] = train.lower(states[name], batch).compile(compiler_options=options)
+        with mock.patch.dict(os.environ, environment):
+            compiled[name] = train.lower(states[name], batch).compile(compiler_options=options)
     times = {name: [] for name in compiled}
     for round_ in range(bench._REPEATS.value + 1):  # pylint: disable=protected-access
         for name, step in compiled.items():
