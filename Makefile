@@ -36,16 +36,17 @@ test: setup-dev
 	$(PY) -m pytest -q tests
 
 # The train step at GPT-2 small (seq 512, batch 4) and at a tiny shape, beside Hugging Face's
-# PyTorch GPT-2 eager and under torch.compile, plus sampling and the data pipeline at small;
-# ratios ours/peer. About 10 minutes on 2 CPU cores. JSON in bench_results/. On a shared machine
-# BENCH_FLAGS=--cpus=1 pins both sides to one core (see experiments/bench.py).
+# PyTorch GPT-2 eager and under torch.compile, in three rounds that take turns (ratios: medians of
+# the rounds'), plus sampling and the data pipeline at small; ratios ours/peer. About 13 minutes
+# on 2 CPU cores. JSON in bench_results/. On a shared machine BENCH_FLAGS=--cpus=1 pins both
+# sides to one core (see experiments/bench.py).
 BENCH_FLAGS ?=
 BENCH_SMALL := --config=configs/gpt2.py:small --config.data.seq_len=512 --config.data.batch_size=4
 BENCH_TINY := --config=configs/gpt2.py:small --config.model.n_layer=4 --config.model.d_model=256 \
 	--config.model.n_head=4 --config.model.d_ff=1024 --config.data.seq_len=256 --config.data.batch_size=8
 bench: setup-dev
-	$(PY) -m experiments.bench $(BENCH_SMALL) --peer --compile_peer --warmup=1 --repeats=3 $(BENCH_FLAGS)
-	$(PY) -m experiments.bench $(BENCH_TINY) --what=train --peer --compile_peer --warmup=2 --repeats=5 $(BENCH_FLAGS)
+	$(PY) -m experiments.bench $(BENCH_SMALL) --peer --compile_peer --warmup=1 --repeats=3 --rounds=3 $(BENCH_FLAGS)
+	$(PY) -m experiments.bench $(BENCH_TINY) --what=train --peer --compile_peer --warmup=2 --repeats=5 --rounds=3 $(BENCH_FLAGS)
 
 # The same shapes on a GPU in bf16 (needs jax[cuda12]==0.10.2 in $(VENV)); no peer.
 bench-gpu: setup

@@ -3,7 +3,7 @@ beside Hugging Face's PyTorch GPT-2 on the same shapes in the same run.
 
 python -m experiments.bench --config=configs/gpt2.py:small \
     --config.data.seq_len=512 --config.data.batch_size=4 [--peer] [--compile_peer] \
-    [--what=train,sample,data] [--repeats=5] [--out=FILE.json]
+    [--what=train,sample,data] [--repeats=5] [--rounds=1] [--out=FILE.json]
 
 Shapes come from the config (model.*, data.seq_len, data.batch_size). Dropout is off and
 train.grad_accum_steps is forced to 1, as in the peer: one step is one forward+backward
@@ -42,6 +42,9 @@ _PEER = flags.DEFINE_bool("peer", False, "Also run Hugging Face's PyTorch GPT-2 
 _COMPILE_PEER = flags.DEFINE_bool("compile_peer", False, "Also run the peer under torch.compile (implies --peer).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions after warm-up; medians are reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 1, "Train: time ours and then each peer, this many times in turn; each ratio is "
+    "the median of the rounds' ratios, so that a shared machine's drift hits both sides.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Sampling: prompt tokens (batch 1, greedy).")
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "Sampling: new tokens per prompt.")
 _CPUS = flags.DEFINE_integer(
@@ -99,9 +102,10 @@ def random_batch(config, rng: np.random.Generator):
 
 
 def bench_train(config, model: GPT, state, schedule, peak_flops: float, warmup: int,
-                repeats: int) -> tuple[dict, object]:
+                repeats: int, rounds: int = 1, between_rounds=lambda: None) -> tuple[dict, object]:
     """tokens/s, FLOP/s and MFU of one jitted train step, lowering and compilation timed
-    apart; returns (results, the final state), as the step donates the state it is given."""
+    apart, in `rounds` rounds of `warmup` + `repeats` steps with `between_rounds()` after each
+    (the peers' turns); returns (results, the final state), as the step donates its state."""
     steps = make_steps(model, schedule, "jit", accum_steps=1)
     batch = jax.device_put(random_batch(config, np.random.default_rng(0)))
     start = time.perf_counter()
@@ -120,13 +124,18 @@ def bench_train(config, model: GPT, state, schedule, peak_flops: float, warmup: 
         jax.block_until_ready(metrics)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
-    times = _timed(step, warmup, repeats)
-    median = statistics.median(times)
+    round_times = []
+    for _ in range(rounds):
+        round_times.append(_timed(step, warmup, repeats))
+        between_rounds()
+    median = statistics.median(statistics.median(times) for times in round_times)
     tokens = config.data.batch_size * config.data.seq_len
     n_params = flops.count_params(state.params)
     per_token = flops.flops_per_token(model.cfg, n_params, config.data.seq_len)
     memory_mb, memory_source = _peak_memory_mb()
-    return {"tokens_per_s": tokens / median, "median_step_s": median, "step_times_s": times,
+    return {"tokens_per_s": tokens / median, "median_step_s": median,
+            "step_times_s": [t for times in round_times for t in times],
+            "round_tokens_per_s": [tokens / statistics.median(times) for times in round_times],
             "model_flops_per_s": tokens / median * per_token,
             "mfu": flops.mfu(tokens / median, per_token, peak_flops),
             "flops_per_token": per_token, "params": n_params, "tokens_per_step": tokens,
@@ -248,18 +257,19 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, prompt_len: int = 32,
-        new_tokens: int = 128, cpus: int = 0) -> dict:
+def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, rounds: int = 1,
+        prompt_len: int = 32, new_tokens: int = 128, cpus: int = 0) -> dict:
     """All requested measurements as one JSON-able dict; `peers` names the peer runs
-    ("hf-torch", "hf-torch-compile"). `cpus` > 0 pins this process, and so the peer, to
-    that many CPUs; it must come before jax starts its thread pool."""
+    ("hf-torch", "hf-torch-compile"), which take their train turns between ours, `rounds`
+    times. `cpus` > 0 pins this process, and so the peer, to that many CPUs; it must come
+    before jax starts its thread pool."""
     if cpus:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:cpus])
     unknown = [w for w in what if w not in WHATS]
     if unknown:
         raise ValueError(f"--what={','.join(what)} is not allowed: a list of {', '.join(WHATS)}")
-    if repeats < 1 or warmup < 0:
-        raise ValueError("--repeats must be at least 1 and --warmup at least 0")
+    if repeats < 1 or warmup < 0 or rounds < 1:
+        raise ValueError("--repeats and --rounds must be at least 1 and --warmup at least 0")
     config, model = as_benchmarked(config)
     if peers and (model.cfg.d_ff != 4 * model.cfg.d_model or not model.cfg.tie_embeddings):
         raise ValueError(f"--peer is not allowed with model.d_ff={model.cfg.d_ff} or untied "
@@ -272,6 +282,8 @@ def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, prompt_len
         "seq_len": config.data.seq_len, "batch_size": config.data.batch_size,
         "notes": ["train.grad_accum_steps forced to 1", "dropout off", f"medians of {repeats} "
                   f"after {warmup} warm-up", "uniform random tokens for train and sample"]
+                 + ([f"train: {rounds} rounds, ours then each peer; medians of the rounds"]
+                    if rounds > 1 else [])
                  + ([f"ours and the peer pinned to {cpus} CPU(s)"] if cpus else []),
         "machine": {"platform": device.platform, "device_kind": device.device_kind,
                     "cpus": len(os.sched_getaffinity(0)), "host": platform.node(),
@@ -281,27 +293,38 @@ def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, prompt_len
         "matmul_peak_flops": flops.measure_matmul_flops(dtype=model.cfg.dtype),
         "ratios": {},
     }
+    peer_rounds = {}  # (what, peer) -> each round's result
+
+    def peer_turn(w: str) -> None:
+        for name in peers:
+            if w == "sample" and name == "hf-torch-compile":
+                continue  # peer_hf.py compiles only its train step
+            peer_rounds.setdefault((w, name), []).append(run_peer(
+                config, w, name == "hf-torch-compile", warmup, repeats, prompt_len, new_tokens,
+                threads=cpus))
+
     if "train" in what:
         results["train"], state = bench_train(config, model, state, schedule,
-                                              results["matmul_peak_flops"], warmup, repeats)
+                                              results["matmul_peak_flops"], warmup, repeats,
+                                              rounds, lambda: peer_turn("train"))
     if "sample" in what:
         results["sample"] = bench_sample(model, state.params, prompt_len, new_tokens, warmup, repeats)
+        if "skipped" not in results["sample"]:
+            peer_turn("sample")
     if "data" in what:
         results["data"] = bench_data(config, warmup, repeats)
 
-    peer_whats = [w for w in ("train", "sample") if w in what and "skipped" not in results[w]]
-    for name in peers:
-        results.setdefault("peers", {})[name] = {}
-        for w in peer_whats:
-            if w == "sample" and name == "hf-torch-compile":
-                continue  # peer_hf.py compiles only its train step
-            r = run_peer(config, w, name == "hf-torch-compile", warmup, repeats, prompt_len,
-                         new_tokens, threads=cpus)
-            if w == "train":  # the same FLOPs per token and peak as ours
-                r["model_flops_per_s"] = r["tokens_per_s"] * results["train"]["flops_per_token"]
-                r["mfu"] = r["model_flops_per_s"] / results["matmul_peak_flops"]
-            results["peers"][name][w] = r
-            results["ratios"][f"{w}/{name}"] = results[w]["tokens_per_s"] / r["tokens_per_s"]
+    for (w, name), turns in peer_rounds.items():
+        ours = results[w].get("round_tokens_per_s", [results[w]["tokens_per_s"]])
+        r = dict(sorted(turns, key=lambda t: t["tokens_per_s"])[(len(turns) - 1) // 2])
+        r["tokens_per_s"] = statistics.median(t["tokens_per_s"] for t in turns)
+        r["round_tokens_per_s"] = [t["tokens_per_s"] for t in turns]
+        if w == "train":  # the same FLOPs per token and peak as ours
+            r["model_flops_per_s"] = r["tokens_per_s"] * results["train"]["flops_per_token"]
+            r["mfu"] = r["model_flops_per_s"] / results["matmul_peak_flops"]
+        results.setdefault("peers", {}).setdefault(name, {})[w] = r
+        results["ratios"][f"{w}/{name}"] = statistics.median(
+            a / t["tokens_per_s"] for a, t in zip(ours, turns))
     return results
 
 
@@ -311,8 +334,8 @@ def main(argv):
         ["hf-torch-compile"] if _COMPILE_PEER.value else [])
     out = _OUT.value or os.path.join("bench_results", time.strftime("%Y%m%d-%H%M%S") + ".json")
     results = run(_CONFIG.value, _WHAT.value, peers=peers, warmup=_WARMUP.value,
-                  repeats=_REPEATS.value, prompt_len=_PROMPT_LEN.value, new_tokens=_NEW_TOKENS.value,
-                  cpus=_CPUS.value)
+                  repeats=_REPEATS.value, rounds=_ROUNDS.value, prompt_len=_PROMPT_LEN.value,
+                  new_tokens=_NEW_TOKENS.value, cpus=_CPUS.value)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     common.write_json_atomic(out, results)
     print(table(results))

@@ -1,9 +1,12 @@
 """The benchmark harness end to end on a tiny model: flags, every measurement, the JSON file.
 Timings are not checked: they belong to the benchmark, not the tests."""
 import json
+import statistics
+import subprocess
+import sys
 
 import experiments
-from tests.helpers import run
+from tests.helpers import ROOT, run
 
 
 def test_bench_writes_every_measurement(tmp_path):
@@ -54,3 +57,31 @@ def test_xla_options_ab_times_each_variant():
     lines = result.stdout.splitlines()[-2:]
     assert [line.split()[0] for line in lines] == ["ynnpack", variant]
     assert lines[0].split()[-2:] == ["1.00x", "ynnpack"]
+
+
+def test_bench_takes_turns_with_the_peer_and_takes_the_median_ratio(tmp_path):
+    # A stand-in peer: 100, 200, 300 tokens/s in its three turns. In a subprocess: bench's
+    # flags would clash with another program's imported here.
+    peer = tmp_path / "peer.py"
+    peer.write_text("import json, pathlib, sys\n"
+                    "count = pathlib.Path(__file__).with_suffix('.count')\n"
+                    "n = int(count.read_text()) + 1 if count.exists() else 1\n"
+                    "count.write_text(str(n))\n"
+                    "print(json.dumps({'what': sys.argv[1], 'tokens_per_s': 100.0 * n}))\n")
+    code = ("import json, sys\n"
+            "from experiments import bench\n"
+            "from tests.helpers import tiny_config\n"
+            f"bench.PEER_SCRIPT = {str(peer)!r}\n"
+            "config = tiny_config(**{'model.d_ff': 128, 'data.seq_len': 8, 'data.batch_size': 2})\n"
+            "results = bench.run(config, ['train'], peers=('hf-torch',), warmup=0, repeats=1, rounds=3)\n"
+            "print(json.dumps({'ours': results['train'], 'peer': results['peers']['hf-torch']['train'],\n"
+            "                  'ratio': results['ratios']['train/hf-torch']}))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.splitlines()[-1])
+    ours = out["ours"]["round_tokens_per_s"]
+    assert len(ours) == 3 and out["ours"]["tokens_per_s"] == statistics.median(ours)
+    assert out["peer"]["round_tokens_per_s"] == [100.0, 200.0, 300.0]
+    assert out["peer"]["tokens_per_s"] == 200.0
+    assert out["ratio"] == statistics.median([ours[0] / 100, ours[1] / 200, ours[2] / 300])
