@@ -1,6 +1,6 @@
-"""The C++ kernels behind the fused loss (cross_entropy.cc) and attention (attention.cc): XLA FFI
-custom calls on XLA's own CPU thread pool, compiled on first use with the machine's C++
-compiler ($CXX, else c++) into a cache directory, one library for both. Without a compiler, on
+"""The C++ kernels behind the fused loss (cross_entropy.cc), attention (attention.cc) and the
+BLAS matmul (matmul.cc): XLA FFI custom calls on XLA's own CPU thread pool, compiled on first
+use with the machine's C++ compiler ($CXX, else c++) into a cache directory, one library for all. Without a compiler, on
 GPU and TPU, or with the kernel's environment variable set to 0, callers use XLA's ops instead.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax
 import jaxlib
 
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = [_HERE / "cross_entropy.cc", _HERE / "attention.cc"]
+_SOURCES = [_HERE / "cross_entropy.cc", _HERE / "attention.cc", _HERE / "matmul.cc"]
 _HEADERS = [_HERE / "cpu_kernels.h"]
 _FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-trapping-math"]
 # XLA's name for each custom call -> the handler symbol the library exports.
@@ -31,6 +31,7 @@ _TARGETS = {
     "gpt_cross_entropy_bwd_t": "GptCrossEntropyBwdT",
     "gpt_attention_fwd": "GptAttentionFwd",
     "gpt_attention_bwd": "GptAttentionBwd",
+    "gpt_matmul": "GptMatMul",
 }
 _OFF = contextvars.ContextVar("gpt_cpu_kernels_off", default=False)
 
@@ -63,18 +64,24 @@ def build() -> pathlib.Path:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the kernels are built and registered with XLA's CPU backend (once a process)."""
+def library() -> ctypes.CDLL | None:
+    """The kernels' library, built and registered with XLA's CPU backend (once a process);
+    None where it cannot be built."""
     try:
-        library = ctypes.CDLL(str(build()))
+        lib = ctypes.CDLL(str(build()))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         logging.warning("fused CPU kernels unavailable, using XLA's ops: %s", detail.strip()[-500:])
-        return False
+        return None
     for target, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)),
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
-    return True
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels are built and registered."""
+    return library() is not None
 
 
 def require(what: str) -> None:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gpt import cpu_kernels
+from gpt import cpu_kernels, matmul
 
 _LOSS, _FORWARD = "gpt_cross_entropy", "gpt_cross_entropy_fwd"
 _BACKWARD, _BACKWARD_T = "gpt_cross_entropy_bwd", "gpt_cross_entropy_bwd_t"
@@ -67,6 +67,9 @@ _fused.defvjp(_fused_forward, _fused_backward)
 @jax.named_scope("tied_head")
 def tied_head_logits(h_NxD, table_VxD):
     """The table's rows contracted as stored (see GPT.logits for why not `h @ table.T`)."""
+    if matmul.usable(h_NxD.dtype, table_VxD.dtype):
+        rows = matmul.matmul(h_NxD.reshape(-1, h_NxD.shape[-1]), table_VxD, False, True)
+        return rows.reshape(*h_NxD.shape[:-1], table_VxD.shape[0])
     return jnp.einsum("...d,vd->...v", h_NxD, table_VxD)
 
 
@@ -82,6 +85,11 @@ def _fused_head_forward(h_NxD, table_VxD, labels_N):
 
 def _fused_head_backward(residuals, g_N):
     softmax_NxV, h_NxD, table_VxD, labels_N = residuals
+    if matmul.usable(h_NxD.dtype, table_VxD.dtype):  # MKL reads the gradient transposed at speed
+        dlogits_NxV = _gradient(softmax_NxV, labels_N, g_N)
+        with jax.named_scope("tied_head"):
+            return (matmul.matmul(dlogits_NxV, table_VxD),
+                    matmul.matmul(dlogits_NxV, h_NxD, True, False), None)
     dlogits_NxV, dlogits_VxN = _gradient(softmax_NxV, labels_N, g_N, transposed=True)
     with jax.named_scope("tied_head"):
         return dlogits_NxV @ table_VxD, dlogits_VxN @ h_NxD, None

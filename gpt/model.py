@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gpt import attention
+from gpt import attention, matmul
 from gpt.cross_entropy import softmax_cross_entropy, tied_head_cross_entropy, tied_head_logits
 
 NORM_POSITIONS = ("pre", "post")
@@ -115,6 +115,7 @@ def _dense(cfg: GPTConfig, features: int, name: str, std: float | None = None) -
         bias_init=nn.initializers.zeros,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
+        dot_general=matmul.dot_general,
         name=name,
     )
 
@@ -267,7 +268,8 @@ class GPT(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nn.Dense(
                 cfg.vocab_size, use_bias=False, kernel_init=nn.initializers.normal(cfg.init_std),
-                dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="lm_head")
+                dtype=cfg.dtype, param_dtype=cfg.param_dtype, dot_general=matmul.dot_general,
+                name="lm_head")
 
     @property
     def uses_dropout(self) -> bool:

@@ -61,7 +61,7 @@ def part(op_name: str) -> str:
     -> 'backward mlp/c_fc/dot_general': the layer index and the wrappers dropped."""
     direction = "backward " if "transpose(" in op_name else ""
     path = [p for p in op_name.split("/")[1:] if not _WRAPPER.fullmatch(p)]
-    where = "/".join(path[-3:]) or op_name
+    where = "/".join(path[-4:]) or op_name
     return direction + (where if len(path) > 1 else f"outside the model: {where}")
 
 

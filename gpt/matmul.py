@@ -1,0 +1,111 @@
+"""Float32 matrix products on Intel MKL's sgemm on CPU (matmul.cc), forward and backward.
+
+On 2 cores, XLA's oneDNN dots ran the GPT-2 small step's matrix products (forward, input and
+weight gradients, the tied head's three) in 6.6 s of summed best times, MKL's sgemm, which
+PyTorch's CPU build calls, in 5.6 s (see README, Performance). The kernel calls MKL
+single-threaded on blocks of the product spread over XLA's own thread pool, so that products
+XLA runs side by side share its threads rather than each starting an OpenMP team.
+
+The model's dense layers (`dot_general`, for nn.Dense) and tied head call `matmul`; they get
+XLA's dot instead off CPU, in other dtypes, without a compiler or MKL (the `mkl` package is
+installed on x86-64 Linux only), or with GPT_JAX_BLAS=0 in the environment.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.metadata
+import logging
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gpt import cpu_kernels
+
+_VARIABLE = "GPT_JAX_BLAS"
+_SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
+
+
+def _mkl_library() -> str | None:
+    try:
+        files = importlib.metadata.files("mkl") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    paths = [f.locate() for f in files if f.name.startswith("libmkl_rt.so")]
+    return str(paths[0]) if paths else None
+
+
+@functools.cache
+def loaded() -> bool:
+    """Whether MKL's sgemm is loaded into the kernels (once a process)."""
+    kernels, path = cpu_kernels.library(), _mkl_library()
+    if kernels is None or path is None:
+        return False
+    try:
+        mkl = ctypes.CDLL(path)
+        if mkl.MKL_Set_Threading_Layer(_SEQUENTIAL) != _SEQUENTIAL:
+            raise OSError("MKL is already running threaded in this process")
+        sgemm = ctypes.cast(mkl.cblas_sgemm_64, ctypes.c_void_p)
+    except (OSError, AttributeError) as e:
+        logging.warning("MKL unusable (%s), matmuls stay XLA's: %s", path, e)
+        return False
+    kernels.GptSetSgemm(sgemm)
+    return True
+
+
+def usable(*dtypes, fused: bool | None = None) -> bool:
+    """Whether `matmul` may run for operands of these dtypes. fused=None: on CPU with the kernels
+    and MKL loaded, unless GPT_JAX_BLAS=0; True insists (an error without them)."""
+    if not all(jnp.dtype(d) == jnp.float32 for d in dtypes):
+        return False
+    if not cpu_kernels.use(fused, _VARIABLE, "matmul"):
+        return False
+    if not loaded():
+        if fused:
+            raise RuntimeError("the matmul kernel needs MKL (pip install mkl) on x86-64 Linux")
+        return False
+    return True
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False,
+           transpose_b: bool = False) -> jax.Array:
+    """op(a) @ op(b) in float32, op transposing the last two axes where asked; leading axes are
+    a batch, equal in both. Callers check `usable` first."""
+    m = a.shape[-1] if transpose_a else a.shape[-2]
+    n = b.shape[-2] if transpose_b else b.shape[-1]
+    with jax.named_scope("matmul"):  # for profiles (tools/op_profile.py)
+        return jax.ffi.ffi_call("gpt_matmul", jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32),
+                                vmap_method="broadcast_all")(
+            a, b, transpose_a=transpose_a, transpose_b=transpose_b)
+
+
+def _forward(a, b, transpose_a, transpose_b):
+    return matmul(a, b, transpose_a, transpose_b), (a, b)
+
+
+def _backward(transpose_a, transpose_b, residuals, g):
+    """With C = op(a) op(b): dop(a) = G op(b)^T and dop(b) = op(a)^T G, each written as one
+    product of a, b and G as stored."""
+    a, b = residuals
+    da = matmul(b, g, transpose_b, True) if transpose_a else matmul(g, b, False, not transpose_b)
+    db = matmul(g, a, True, transpose_a) if transpose_b else matmul(a, g, not transpose_a, False)
+    return da, db
+
+
+matmul.defvjp(_forward, _backward)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """lax.dot_general for nn.Dense(dot_general=...): x [..., K] @ kernel [K, N] in float32 as
+    one `matmul` of x's rows; anything else as lax.dot_general."""
+    (lhs_contract, rhs_contract), batch = dimension_numbers
+    dense = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
+             and rhs.ndim == 2 and batch == ((), ()) and lhs.ndim >= 1
+             and preferred_element_type in (None, jnp.float32))
+    if not (dense and usable(lhs.dtype, rhs.dtype)):
+        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+    rows = lhs.reshape(-1, lhs.shape[-1])
+    return matmul(rows, rhs).reshape(*lhs.shape[:-1], rhs.shape[1])
