@@ -49,7 +49,9 @@ __attribute__((always_inline)) inline float Exp(float x) {
   return p * two_n;
 }
 
-// Calls body(begin, end) on blocks of [0, n) from the calling thread and XLA's intra-op pool.
+// Calls body(begin, end) on blocks of [0, n) from the calling thread and XLA's intra-op pool,
+// with as many threads in all as the pool has: the caller may be a thread outside the pool,
+// and one thread more than the pool's would share a core.
 // The caller waits for blocks, not for tasks: a task that starts after the work is claimed
 // finds none and returns, so a busy pool delays nothing and cannot deadlock.
 template <typename Body>
@@ -70,7 +72,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t block, const Body& bo
       }
     }
   };
-  for (int64_t t = std::min(pool.num_threads(), blocks - 1); t > 0; --t) {
+  for (int64_t t = std::min<int64_t>(pool.num_threads() - 1, blocks - 1); t > 0; --t) {
     auto task = run;
     pool.Schedule(std::move(task));
   }

@@ -26,9 +26,9 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 std::atomic<Sgemm> sgemm{nullptr};
 
 // Rows (or columns) of C per task at least, so that each call amortises packing its shared
-// operand; and tasks per thread at most, so that a thread busy elsewhere delays little.
+// operand. One block per thread: each block packs the shared operand again, and with two per
+// thread the products of tools/matmul_ab.py's tiny shape took 5% longer.
 constexpr int64_t kMinBlock = 128;
-constexpr int64_t kTasksPerThread = 2;
 
 ffi::Error MatMul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
                   ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b) {
@@ -59,8 +59,7 @@ ffi::Error MatMul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi
   // Blocks of rows of C when it has more rows than columns (they share op(b)), else of columns.
   const bool by_rows = m >= n;
   const int64_t extent = by_rows ? m : n;
-  const int64_t most = kTasksPerThread * (pool.num_threads() + 1);
-  const int64_t blocks = std::max<int64_t>(1, std::min(most, extent / kMinBlock));
+  const int64_t blocks = std::max<int64_t>(1, std::min(pool.num_threads(), extent / kMinBlock));
   const int64_t block = (extent + blocks - 1) / blocks;
   const int64_t per_batch = (extent + block - 1) / block;
   const float* a_data = a.typed_data();

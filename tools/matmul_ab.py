@@ -83,7 +83,8 @@ def main(_):
                 best[side] = min(best[side], _best(lambda: fn(*arrays[side]), repeats))  # noqa: B023
         for side, t in best.items():
             totals[side] = totals.get(side, 0.0) + count * t
-        print(f"{name:<18} [{m}x{k}] @ [{k}x{n}] x{count:<3}"
+        shapes = f"[{m}x{k}] @ [{k}x{n}]"
+        print(f"{name:<21}{shapes:<26} x{count:<3}"
               + "".join(f"{side:>12} {2 * m * k * n / t / 1e9:6.1f}" for side, t in best.items())
               + "  GFLOP/s", flush=True)
     print("per step:" + "".join(f"  {side} {t:.3f} s" for side, t in totals.items()))
