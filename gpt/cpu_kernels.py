@@ -1,7 +1,8 @@
 """The C++ kernels behind the fused loss (cross_entropy.cc), attention (attention.cc) and the
 BLAS matmul (matmul.cc): XLA FFI custom calls on XLA's own CPU thread pool, compiled on first
-use with the machine's C++ compiler ($CXX, else c++) into a cache directory, one library for all. Without a compiler, on
-GPU and TPU, or with the kernel's environment variable set to 0, callers use XLA's ops instead.
+use with the machine's C++ compiler ($CXX, else c++) into a cache directory, one library for
+all. Without a compiler, on GPU and TPU, or with the kernel's environment variable set to 0,
+callers use XLA's ops instead.
 """
 from __future__ import annotations
 

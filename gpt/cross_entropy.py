@@ -68,8 +68,7 @@ _fused.defvjp(_fused_forward, _fused_backward)
 def tied_head_logits(h_NxD, table_VxD):
     """The table's rows contracted as stored (see GPT.logits for why not `h @ table.T`)."""
     if matmul.usable(h_NxD.dtype, table_VxD.dtype):
-        rows = matmul.matmul(h_NxD.reshape(-1, h_NxD.shape[-1]), table_VxD, False, True)
-        return rows.reshape(*h_NxD.shape[:-1], table_VxD.shape[0])
+        return matmul.over_rows(h_NxD, table_VxD, transpose_w=True)
     return jnp.einsum("...d,vd->...v", h_NxD, table_VxD)
 
 

@@ -1,10 +1,10 @@
 """Float32 matrix products on Intel MKL's sgemm on CPU (matmul.cc), forward and backward.
 
-On 2 cores, XLA's oneDNN dots ran the GPT-2 small step's matrix products (forward, input and
-weight gradients, the tied head's three) in 6.6 s of summed best times, MKL's sgemm, which
-PyTorch's CPU build calls, in 5.6 s (see README, Performance). The kernel calls MKL
-single-threaded on blocks of the product spread over XLA's own thread pool, so that products
-XLA runs side by side share its threads rather than each starting an OpenMP team.
+On 2 cores, the GPT-2 small step's matrix products (forward, input and weight gradients, the
+tied head's three) summed to 6.92 s of best times on XLA's oneDNN dots, 6.03 s on this kernel
+and 6.15 s on torch, which calls MKL too (tools/matmul_ab.py; README, Performance). The kernel
+calls MKL single-threaded on one block of the product per thread of XLA's own pool, so that
+products XLA runs side by side share its threads rather than each starting an OpenMP team.
 
 The model's dense layers (`dot_general`, for nn.Dense) and tied head call `matmul`; they get
 XLA's dot instead off CPU, in other dtypes, without a compiler or MKL (the `mkl` package is
@@ -107,5 +107,10 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     if not (dense and usable(lhs.dtype, rhs.dtype)):
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
-    rows = lhs.reshape(-1, lhs.shape[-1])
-    return matmul(rows, rhs).reshape(*lhs.shape[:-1], rhs.shape[1])
+    return over_rows(lhs, rhs)
+
+
+def over_rows(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
+    """x [..., K] @ op(w), op(w) [K, N], as one `matmul` of x's rows."""
+    n = w.shape[0] if transpose_w else w.shape[1]
+    return matmul(x.reshape(-1, x.shape[-1]), w, False, transpose_w).reshape(*x.shape[:-1], n)
