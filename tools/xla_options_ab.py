@@ -2,8 +2,10 @@
 settings, timed interleaved in one process (A B C A B C ...), so a shared machine's drift hits
 every variant alike: how gpt/compiler.py's CPU_COMPILER_OPTIONS were chosen. A variant is an
 option set, optionally with model fields after colons, `onednn:attention_block=0`, or environment
-variables set while it is traced, `ours:GPT_JAX_FUSED_ATTENTION=0`. Give it GLIBC_TUNABLES=
-glibc.malloc.hugetlb=1 to time the steps as the programs run them (see experiments/__init__.py).
+variables set while it is traced, `ours:GPT_JAX_FUSED_ATTENTION=0`. The products run on
+gpt/matmul.py's MKL kernel whatever the options: add GPT_JAX_BLAS=0 to a variant to time XLA's
+dots under them. Give it GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to time the steps as the
+programs run them (see experiments/__init__.py).
 
 python tools/xla_options_ab.py --config=configs/gpt2.py:small --config.data.seq_len=512 \
     --config.data.batch_size=4 [--variants=ynnpack,eigen,onednn,ours] [--repeats=5]
