@@ -102,7 +102,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     one `matmul` of x's rows; anything else as lax.dot_general."""
     (lhs_contract, rhs_contract), batch = dimension_numbers
     dense = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
-             and rhs.ndim == 2 and batch == ((), ()) and lhs.ndim >= 1
+             and rhs.ndim == 2 and batch == ((), ())
              and preferred_element_type in (None, jnp.float32))
     if not (dense and usable(lhs.dtype, rhs.dtype)):
         return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,

@@ -75,8 +75,8 @@ def main(_):
         m, k = a_shape[::-1] if ta else a_shape
         n = b_shape[0] if tb else b_shape[1]
         sides = _sides(ta, tb)
-        arrays = {"xla": (jax.device_put(a), jax.device_put(b)),
-                  "mkl kernel": (jax.device_put(a), jax.device_put(b)), "torch": (a, b)}
+        on_device = (jax.device_put(a), jax.device_put(b))
+        arrays = {"xla": on_device, "mkl kernel": on_device, "torch": (a, b)}
         best = {side: float("inf") for side in sides}
         for _ in range(2):
             for side, fn in sides.items():
