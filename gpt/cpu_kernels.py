@@ -1,5 +1,5 @@
-"""The C++ kernels behind the fused loss (cross_entropy.cc), attention (attention.cc) and the
-BLAS matmul (matmul.cc): XLA FFI custom calls on XLA's own CPU thread pool, compiled on first
+"""The C++ kernels behind the fused loss (cross_entropy.cc), attention (attention.cc), the
+BLAS matmul (matmul.cc) and the AdamW update (adamw.cc): XLA FFI custom calls on XLA's own CPU thread pool, compiled on first
 use with the machine's C++ compiler ($CXX, else c++) into a cache directory, one library for
 all. Without a compiler, on GPU and TPU, or with the kernel's environment variable set to 0,
 callers use XLA's ops instead.
@@ -21,9 +21,10 @@ import jax
 import jaxlib
 
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = [_HERE / "cross_entropy.cc", _HERE / "attention.cc", _HERE / "matmul.cc"]
+_SOURCES = [_HERE / name for name in ("cross_entropy.cc", "attention.cc", "matmul.cc", "adamw.cc")]
 _HEADERS = [_HERE / "cpu_kernels.h"]
-_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-trapping-math"]
+_FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp-simd", "-fno-trapping-math",
+          "-fno-math-errno"]  # sqrt without a branch to set errno: its loops vectorise
 # XLA's name for each custom call -> the handler symbol the library exports.
 _TARGETS = {
     "gpt_cross_entropy": "GptCrossEntropy",
@@ -33,6 +34,7 @@ _TARGETS = {
     "gpt_attention_fwd": "GptAttentionFwd",
     "gpt_attention_bwd": "GptAttentionBwd",
     "gpt_matmul": "GptMatMul",
+    "gpt_adamw": "GptAdamW",
 }
 _OFF = contextvars.ContextVar("gpt_cpu_kernels_off", default=False)
 

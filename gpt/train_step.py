@@ -20,6 +20,7 @@ from flax.training import train_state
 from gpt import cpu_kernels
 from gpt.compiler import default_compiler_options
 from gpt.model import GPT
+from gpt.optim import Optimizer
 
 PARALLELISMS = ("jit", "pmap", "mesh")
 AXIS = "batch"
@@ -30,8 +31,16 @@ MIN_SHARDED_SIZE = 1024  # smaller leaves (biases, gains, the RNG key, counters)
 class TrainState(train_state.TrainState):
     rng: jax.Array  # base dropout key; per step, device and micro-batch keys are folded in
 
+    def apply_gradients(self, *, grads, **kwargs):
+        """The update by gpt.optim's `apply` (one fused pass per parameter on CPU) where tx
+        has one; flax's, through optax, otherwise."""
+        if not hasattr(self.tx, "apply"):
+            return super().apply_gradients(grads=grads, **kwargs)
+        params, opt_state = self.tx.apply(grads, self.opt_state, self.params)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **kwargs)
 
-def create_state(model: GPT, tx: optax.GradientTransformation, seed: int, seq_len: int,
+
+def create_state(model: GPT, tx: optax.GradientTransformation | Optimizer, seed: int, seq_len: int,
                  shardings: Callable | None = None) -> TrainState:
     """With `shardings` (abstract state -> shardings) every device initialises only its own
     shard: no host ever holds the whole model."""

@@ -23,6 +23,8 @@ def test_without_a_compiler_the_model_runs_on_xlas_ops(tmp_path):
             "from gpt import cpu_kernels\n"
             "from gpt.cross_entropy import softmax_cross_entropy\n"
             "from gpt.model import GPT, GPTConfig\n"
+            "from gpt.optim import make_optimizer\n"
+            "from configs.gpt2 import get_config\n"
             "x = jax.random.normal(jax.random.key(0), (3, 9)); y = np.array([0, 4, 8])\n"
             "assert not cpu_kernels.available()\n"
             "np.testing.assert_allclose(softmax_cross_entropy(x, y),\n"
@@ -33,6 +35,8 @@ def test_without_a_compiler_the_model_runs_on_xlas_ops(tmp_path):
             "hlo = jax.jit(lambda p: model.apply({'params': p}, tokens, tokens,\n"
             "    method='next_token_nll')).lower(params).as_text()\n"
             "assert 'gpt_' not in hlo, hlo\n"
+            "tx, _ = make_optimizer(get_config('tiny').optim, 10)\n"
+            "assert 'gpt_' not in jax.jit(tx.apply).lower(params, tx.init(params), params).as_text()\n"
             "try:\n    softmax_cross_entropy(x, y, fused=True)\nexcept RuntimeError as e:\n"
             "    print('refused:', e)\n")
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), XDG_CACHE_HOME=str(tmp_path))
