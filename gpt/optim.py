@@ -51,7 +51,8 @@ class Optimizer(NamedTuple):
 
 def make_optimizer(optim_cfg, total_steps: int, fused: bool | None = None
                    ) -> tuple[Optimizer, optax.Schedule]:
-    """fused=None: `apply` runs the kernel where it can (see above); True insists; False: optax."""
+    """fused=None: `apply` runs the kernel where it can (see above); True: also an error where
+    the kernels cannot be built; False: optax's update."""
     schedule = lr_schedule(optim_cfg, total_steps)
     adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
                         weight_decay=optim_cfg.weight_decay, mask=decay_mask)
@@ -68,7 +69,6 @@ def make_optimizer(optim_cfg, total_steps: int, fused: bool | None = None
         return optax.apply_updates(params, updates), state
 
     return Optimizer(tx.init, tx.update, apply), schedule
-
 
 
 def _fused_apply(optim_cfg, schedule, grads, state, params):
