@@ -13,6 +13,14 @@
 // from it (FlashAttention-2's backward). Both run one task per batch row and head: forward, its
 // keys are transposed once; backward, its query gradient, summed over key tiles, has one writer.
 // K is 16, 32, 64 or 128; the Python side falls back to XLA's attention for other widths.
+//
+//   gpt_attention_decode(qkv [B, 1, 3 * H * K], k_cache, v_cache [B, L, H, K], positions [B, 1];
+//                        heads) -> (out [B, 1, H * K], k_cache, v_cache)
+//
+// One new token per row while sampling: its key and value are written into the caches (which
+// the outputs alias) at its position, and its query attends to the slots at or before it. In
+// XLA, the caches' update and the two products made it copy every layer's caches at every new
+// token. Any K; positions must lie in [0, L).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -290,7 +298,85 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// One row's and head's new token: its key and value into slot `position`, then its output.
+ROW_KERNEL void DecodeHead(const float* qkv, float* k_cache, float* v_cache, int64_t position,
+                           int64_t d_model, int64_t head_dim, float* scores, float* out) {
+  const int64_t stride = d_model;  // between the slots of one head in the caches
+  const float* q = qkv;
+  std::copy(qkv + d_model, qkv + d_model + head_dim, k_cache + position * stride);
+  std::copy(qkv + 2 * d_model, qkv + 2 * d_model + head_dim, v_cache + position * stride);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  float max = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s <= position; ++s) {
+    const float* k = k_cache + s * stride;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < head_dim; ++d) dot += q[d] * k[d];
+    scores[s] = dot * scale;
+    max = std::max(max, scores[s]);
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t s = 0; s <= position; ++s) {
+    scores[s] = Exp(scores[s] - max);
+    sum += scores[s];
+  }
+  std::fill(out, out + head_dim, 0.0f);
+  for (int64_t s = 0; s <= position; ++s) {
+    const float p = scores[s] / sum;
+    const float* v = v_cache + s * stride;
+#pragma omp simd
+    for (int64_t d = 0; d < head_dim; ++d) out[d] += p * v[d];
+  }
+}
+
+ffi::Error Decode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> k_cache,
+                  ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> positions,
+                  ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> k_out,
+                  ffi::ResultBuffer<ffi::F32> v_out, int64_t heads) {
+  const auto dims = k_cache.dimensions();
+  if (dims.size() != 4 || dims[2] != heads || v_cache.element_count() != k_cache.element_count()) {
+    return ffi::Error::InvalidArgument("gpt_attention_decode: caches must be [B, L, heads, K]");
+  }
+  const int64_t batch = dims[0], length = dims[1], head_dim = dims[3], d_model = heads * head_dim;
+  if (qkv.element_count() != batch * 3 * d_model || positions.element_count() != batch) {
+    return ffi::Error::InvalidArgument("gpt_attention_decode: one token per row");
+  }
+  if (k_out->typed_data() != k_cache.typed_data() || v_out->typed_data() != v_cache.typed_data()) {
+    return ffi::Error::InvalidArgument("gpt_attention_decode: the outputs must alias the caches");
+  }
+  const int32_t* position = positions.typed_data();
+  for (int64_t b = 0; b < batch; ++b) {
+    if (position[b] < 0 || position[b] >= length) {
+      return ffi::Error::InvalidArgument("gpt_attention_decode: a position outside the cache");
+    }
+  }
+  ParallelFor(pool, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    float* scores = Scratch(length);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const int64_t head = b * length * d_model + h * head_dim;  // slot 0 of this row's head
+      DecodeHead(qkv.typed_data() + b * 3 * d_model + h * head_dim, k_out->typed_data() + head,
+                 v_out->typed_data() + head, position[b], d_model, head_dim, scores,
+                 out->typed_data() + b * d_model + h * head_dim);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptAttentionDecode, Decode,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptAttentionFwd, Forward,
                               ffi::Ffi::Bind()

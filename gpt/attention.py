@@ -21,9 +21,10 @@ from gpt import cpu_kernels
 HEAD_DIMS = (16, 32, 64, 128)  # the widths attention.cc is compiled for
 
 
-def usable(head_dim: int, dtype, fused: bool | None = None) -> bool:
-    """Whether `causal_self_attention` runs the kernel for this head width and dtype."""
-    return (head_dim in HEAD_DIMS and jnp.dtype(dtype) == jnp.float32
+def usable(head_dim: int | None, dtype, fused: bool | None = None) -> bool:
+    """Whether `causal_self_attention` runs the kernel for this head width (None: `decode`,
+    which serves any) and dtype."""
+    return ((head_dim is None or head_dim in HEAD_DIMS) and jnp.dtype(dtype) == jnp.float32
             and cpu_kernels.use(fused, "GPT_JAX_FUSED_ATTENTION", "attention"))
 
 
@@ -59,3 +60,18 @@ def _backward(n_head, residuals, dout_BxTxD):
 
 
 causal_self_attention.defvjp(_forward_with_residuals, _backward)
+
+
+@jax.named_scope("attention")
+def decode(qkv_Bx1x3D: jax.Array, cache: tuple, positions_Bx1: jax.Array, n_head: int):
+    """One new token per row while sampling: (out [B, 1, D], cache) for c_attn's float32 output,
+    the (k, v) caches (B x L x H x K, updated in place) and the tokens' positions, which must lie
+    in the cache. Callers check `usable` (any head width serves)."""
+    k_cache, v_cache = cache
+    out, k_cache, v_cache = jax.ffi.ffi_call(
+        "gpt_attention_decode",
+        (jax.ShapeDtypeStruct((*qkv_Bx1x3D.shape[:2], qkv_Bx1x3D.shape[2] // 3), jnp.float32),
+         jax.ShapeDtypeStruct(k_cache.shape, jnp.float32), jax.ShapeDtypeStruct(v_cache.shape, jnp.float32)),
+        input_output_aliases={1: 1, 2: 2})(
+        qkv_Bx1x3D, k_cache, v_cache, positions_Bx1.astype(jnp.int32), heads=np.int64(n_head))
+    return out, (k_cache, v_cache)

@@ -33,6 +33,7 @@ _TARGETS = {
     "gpt_cross_entropy_bwd_t": "GptCrossEntropyBwdT",
     "gpt_attention_fwd": "GptAttentionFwd",
     "gpt_attention_bwd": "GptAttentionBwd",
+    "gpt_attention_decode": "GptAttentionDecode",
     "gpt_matmul": "GptMatMul",
     "gpt_adamw": "GptAdamW",
 }

@@ -141,6 +141,10 @@ class CausalSelfAttention(nn.Module):
                 and attention.usable(cfg.head_dim, qkv_BxTx3D.dtype)):
             out_BxTxD = attention.causal_self_attention(qkv_BxTx3D, cfg.n_head)
             return self._project(out_BxTxD, deterministic), None
+        if (cache is not None and T == 1 and cfg.attention == "xla" and cache[0].dtype == jnp.float32
+                and attention.usable(None, qkv_BxTx3D.dtype)):
+            out_BxTxD, cache = attention.decode(qkv_BxTx3D, cache, positions_BxT, cfg.n_head)
+            return self._project(out_BxTxD, deterministic), cache
         q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = (
             a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv_BxTx3D, 3, axis=-1))
         if cache is None:

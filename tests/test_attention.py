@@ -110,3 +110,36 @@ def test_the_model_keeps_xlas_attention_where_the_kernel_does_not_apply(override
 def test_empty_sequences_give_empty_outputs():
     out, vjp = jax.vjp(lambda x: causal_self_attention(x, 2), jnp.zeros((2, 0, 3 * 2 * 16)))
     assert out.shape == (2, 0, 32) and vjp(out)[0].shape == (2, 0, 96)
+
+
+def test_decoding_matches_xlas_and_writes_the_cache_in_place(monkeypatch):
+    """One token per row at different positions (the rows' caches already hold other tokens)
+    against the XLA path: the output, both caches, and the in-place write the HLO aliases."""
+    from gpt.model import init_cache
+    model = _model(n_head=8)  # head width 8: any width serves
+    cfg = model.cfg
+    tokens = jax.random.randint(jax.random.key(0), (3, 1), 0, 97)
+    positions = jnp.array([[0], [7], [cfg.max_len - 1]])
+    params = model.init(jax.random.key(1), tokens)["params"]
+    cache = tuple(tuple(jax.random.normal(jax.random.key(i + 2 * j), c.shape) for i, c in enumerate(layer))
+                  for j, layer in enumerate(init_cache(cfg, 3, cfg.max_len)))
+
+    def decode():
+        fn = jax.jit(lambda p, c: model.apply({"params": p}, tokens, positions, c, method=GPT.decode))
+        assert ("gpt_attention_decode" in fn.lower(params, cache).as_text()) == (fused == "1")
+        return fn(params, cache)
+
+    results = {}
+    for fused in ("1", "0"):
+        monkeypatch.setenv("GPT_JAX_FUSED_ATTENTION", fused)
+        results[fused] = decode()
+    assert max_relative_error(results["1"], results["0"]) < 1e-5
+    new_k = results["1"][1][0][0]
+    np.testing.assert_array_equal(np.delete(new_k[1], 7, axis=0), np.delete(cache[0][0][1], 7, axis=0))
+
+
+def test_decoding_refuses_a_position_outside_the_cache():
+    from gpt.attention import decode
+    cache = (jnp.zeros((1, 4, 2, 16)), jnp.zeros((1, 4, 2, 16)))
+    with pytest.raises(Exception, match="a position outside the cache"):
+        jax.block_until_ready(decode(jnp.zeros((1, 1, 96)), cache, jnp.array([[4]]), 2))
