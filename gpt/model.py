@@ -137,12 +137,12 @@ class CausalSelfAttention(nn.Module):
         cfg = self.cfg
         B, T, _ = x_BxTxD.shape
         qkv_BxTx3D = _dense(cfg, 3 * cfg.d_model, "c_attn")(x_BxTxD)
-        if (cache is None and cfg.attention == "xla" and (deterministic or cfg.attn_pdrop == 0)
-                and attention.usable(cfg.head_dim, qkv_BxTx3D.dtype)):
+        kernel = cfg.attention == "xla" and (deterministic or cfg.attn_pdrop == 0)  # no dropout
+        if cache is None and kernel and attention.usable(cfg.head_dim, qkv_BxTx3D.dtype):
             out_BxTxD = attention.causal_self_attention(qkv_BxTx3D, cfg.n_head)
             return self._project(out_BxTxD, deterministic), None
-        if (cache is not None and T == 1 and cfg.attention == "xla" and cache[0].dtype == jnp.float32
-                and attention.usable(None, qkv_BxTx3D.dtype)):
+        if (cache is not None and T == 1 and kernel and cache[0].dtype == jnp.float32
+                and attention.usable(None, qkv_BxTx3D.dtype)):  # a sampling step
             out_BxTxD, cache = attention.decode(qkv_BxTx3D, cache, positions_BxT, cfg.n_head)
             return self._project(out_BxTxD, deterministic), cache
         q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = (
