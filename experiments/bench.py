@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -25,11 +24,11 @@ import sys
 import time
 
 import jax
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from experiments import common
+from experiments.bench_peer import peak_rss_mb, random_tokens, timed
 from gpt import data, flops
 from gpt.configuration import validate
 from gpt.model import GPT
@@ -38,7 +37,8 @@ from gpt.train_step import create_state, make_steps
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WHAT = flags.DEFINE_list("what", ["train", "sample", "data"], "What to measure: train, sample, data.")
-_PEER = flags.DEFINE_bool("peer", False, "Also run Hugging Face's PyTorch GPT-2 (eager) on the same shapes.")
+_PEER = flags.DEFINE_bool("peer", False, "Also run Hugging Face's PyTorch GPT-2 (eager) on the "
+                          "same shapes (experiments/bench_peer.py).")
 _COMPILE_PEER = flags.DEFINE_bool("compile_peer", False, "Also run the peer under torch.compile (implies --peer).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions after warm-up; medians are reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed repetitions first.")
@@ -52,22 +52,10 @@ _CPUS = flags.DEFINE_integer(
     "the ratio honest: a busy machine slows a 2-thread runtime by how it waits, not by its work.")
 _OUT = flags.DEFINE_string("out", "", "JSON results file; default bench_results/<timestamp>.json.")
 
-PEER_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           os.pardir, "shared", "bench", "peer_hf.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER_COMMAND = [sys.executable, "-m", "experiments.bench_peer"]
 WHATS = ("train", "sample", "data")
 SAMPLING_MISSING = "sampling: gpt/sampling.py not available"
-
-
-def _timed(fn, warmup: int, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` calls of `fn` (which must block) after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def _peak_memory_mb() -> tuple[float, str]:
@@ -76,14 +64,7 @@ def _peak_memory_mb() -> tuple[float, str]:
     stats = jax.devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 2**20, "device peak_bytes_in_use"
-    return _vm_hwm_kb() / 1024, "process peak RSS (VmHWM)"
-
-
-def _vm_hwm_kb() -> int:
-    """This process's peak RSS since exec. getrusage's would include the parent's size at
-    fork, which Linux carries into the child: a bench started from a large process reads high."""
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\s+(\d+)", f.read()).group(1))
+    return peak_rss_mb(), "process peak RSS (VmHWM)"
 
 
 def as_benchmarked(config):
@@ -94,10 +75,9 @@ def as_benchmarked(config):
     return config, GPT(validate(config))
 
 
-def random_batch(config, rng: np.random.Generator):
-    """Uniform token ids, as the peer uses: speed does not depend on the text."""
-    tokens = rng.integers(0, config.model.vocab_size,
-                          (config.data.batch_size, config.data.seq_len + 1)).astype(np.int32)
+def random_batch(config):
+    """The peer's batch: the same uniform token ids."""
+    tokens = random_tokens(config.model.vocab_size, (config.data.batch_size, config.data.seq_len + 1))
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
 
@@ -107,7 +87,7 @@ def bench_train(config, model: GPT, state, schedule, peak_flops: float, warmup: 
     apart, in `rounds` rounds of `warmup` + `repeats` steps with `between_rounds()` after each
     (the peers' turns); returns (results, the final state), as the step donates its state."""
     steps = make_steps(model, schedule, "jit", accum_steps=1)
-    batch = jax.device_put(random_batch(config, np.random.default_rng(0)))
+    batch = jax.device_put(random_batch(config))
     start = time.perf_counter()
     lowered = steps.train.lower(state, batch)
     lower_s = time.perf_counter() - start
@@ -126,7 +106,7 @@ def bench_train(config, model: GPT, state, schedule, peak_flops: float, warmup: 
 
     round_times = []
     for _ in range(rounds):
-        round_times.append(_timed(step, warmup, repeats))
+        round_times.append(timed(step, warmup, repeats))
         between_rounds()
     median = statistics.median(statistics.median(times) for times in round_times)
     tokens = config.data.batch_size * config.data.seq_len
@@ -155,11 +135,11 @@ def bench_sample(model: GPT, params, prompt_len: int, new_tokens: int, warmup: i
     if prompt_len + new_tokens > model.cfg.max_len:
         raise ValueError(f"--prompt_len + --new_tokens = {prompt_len + new_tokens} is not allowed: "
                          f"at most model.max_len={model.cfg.max_len}")
-    prompt = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (1, prompt_len))
+    prompt = random_tokens(model.cfg.vocab_size, (1, prompt_len))
     run = lambda: generate(model, params, prompt.tolist(), max_new_tokens=new_tokens,  # noqa: E731
                            rng=jax.random.PRNGKey(0), temperature=0.0)
-    first_call_s = _timed(run, 0, 1)[0]
-    times = _timed(run, max(warmup - 1, 0), repeats)
+    first_call_s = timed(run, 0, 1)[0]
+    times = timed(run, max(warmup - 1, 0), repeats)
     median = statistics.median(times)
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     bandwidth = flops.measure_matvec_bandwidth(cols=model.cfg.d_model, dtype=model.cfg.param_dtype)
@@ -175,7 +155,7 @@ def bench_data(config, warmup: int, repeats: int, batches_per_repeat: int = 20) 
     """tokens/s of the train iterator (tokenize, pack, batch) on `data.name`; preparing the
     corpus and the tokenizer, and starting the workers, happen in the untimed warm-up."""
     it = data.make_train_iterator(config.data, seed=config.train.seed)
-    times = _timed(lambda: [next(it) for _ in range(batches_per_repeat)], warmup, repeats)
+    times = timed(lambda: [next(it) for _ in range(batches_per_repeat)], warmup, repeats)
     it.close()
     tokens = batches_per_repeat * config.data.batch_size * config.data.seq_len
     return {"tokens_per_s": tokens / statistics.median(times), "times_s": times,
@@ -183,34 +163,25 @@ def bench_data(config, warmup: int, repeats: int, batches_per_repeat: int = 20) 
             "num_workers": config.data.num_workers, "prefetch": config.data.prefetch}
 
 
-# Runs the peer script, then prints its peak RSS in kB the way `_vm_hwm_kb` reads ours.
-_PEER_WRAPPER = ("import re, runpy, sys; sys.argv = sys.argv[1:]; "
-                 "runpy.run_path(sys.argv[0], run_name='__main__'); "
-                 "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
-
-
 def run_peer(config, what: str, compile_: bool, warmup: int, repeats: int,
              prompt_len: int, new_tokens: int, threads: int = 0) -> dict:
-    """One measurement of ../shared/bench/peer_hf.py in a subprocess, plus its peak RSS;
-    `threads` > 0 sets torch's threads, else torch keeps its default."""
-    if not os.path.isfile(PEER_SCRIPT):
-        raise FileNotFoundError(f"--peer needs {os.path.normpath(PEER_SCRIPT)}, which is missing")
-    m = config.model
-    cmd = [sys.executable, "-c", _PEER_WRAPPER, PEER_SCRIPT, what, f"--layers={m.n_layer}",
-           f"--d-model={m.d_model}", f"--heads={m.n_head}", f"--vocab={m.vocab_size}",
-           f"--seq={config.data.seq_len}", f"--batch={config.data.batch_size}",
-           f"--prompt={prompt_len}", f"--new={new_tokens}", f"--warmup={warmup}",
-           f"--repeats={repeats}", f"--threads={threads}"] + (["--compile"] if compile_ else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    """One measurement of experiments/bench_peer.py in a subprocess (torch and jax never share
+    a process); `threads` > 0 sets torch's threads, else torch keeps its default."""
+    m, o = config.model, config.optim
+    cmd = PEER_COMMAND + [
+        what, f"--layers={m.n_layer}", f"--d_model={m.d_model}", f"--heads={m.n_head}",
+        f"--d_ff={m.d_ff}", f"--vocab={m.vocab_size}", f"--max_len={m.max_len}",
+        f"--seq={config.data.seq_len}",
+        f"--batch={config.data.batch_size}", f"--prompt={prompt_len}", f"--new={new_tokens}",
+        f"--warmup={warmup}", f"--repeats={repeats}", f"--threads={threads}", f"--lr={o.lr}",
+        f"--b1={o.b1}", f"--b2={o.b2}", f"--eps={o.eps}", f"--weight_decay={o.weight_decay}",
+        f"--grad_clip={o.grad_clip}"] + (["--compile"] if compile_ else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise OSError(f"the peer failed (exit {proc.returncode}): {last} "
                       f"(it needs torch and transformers: make setup-dev)")
-    *_, line, peak_kb = proc.stdout.strip().splitlines()
-    result = json.loads(line)
-    result["peak_memory_mb"] = int(peak_kb) / 1024
-    result["memory_source"] = "process peak RSS (VmHWM)"
-    return result
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _shape_line(config, model: GPT) -> str:
@@ -271,9 +242,9 @@ def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, rounds: in
     if repeats < 1 or warmup < 0 or rounds < 1:
         raise ValueError("--repeats and --rounds must be at least 1 and --warmup at least 0")
     config, model = as_benchmarked(config)
-    if peers and (model.cfg.d_ff != 4 * model.cfg.d_model or not model.cfg.tie_embeddings):
-        raise ValueError(f"--peer is not allowed with model.d_ff={model.cfg.d_ff} or untied "
-                         f"embeddings: the peer is GPT-2 (d_ff = 4 x d_model, tied embeddings)")
+    if peers and not model.cfg.tie_embeddings:
+        raise ValueError("--peer is not allowed with model.tie_embeddings=False: the peer is "
+                         "Hugging Face's GPT-2, whose head is tied")
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     state = create_state(model, tx, config.train.seed, config.data.seq_len)
     device = jax.devices()[0]
@@ -298,7 +269,7 @@ def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, rounds: in
     def peer_turn(w: str) -> None:
         for name in peers:
             if w == "sample" and name == "hf-torch-compile":
-                continue  # peer_hf.py compiles only its train step
+                continue  # the peer compiles only its train step
             peer_rounds.setdefault((w, name), []).append(run_peer(
                 config, w, name == "hf-torch-compile", warmup, repeats, prompt_len, new_tokens,
                 threads=cpus))

@@ -72,7 +72,7 @@ def test_bench_takes_turns_with_the_peer_and_takes_the_median_ratio(tmp_path):
     code = ("import json, sys\n"
             "from experiments import bench\n"
             "from tests.helpers import tiny_config\n"
-            f"bench.PEER_SCRIPT = {str(peer)!r}\n"
+            f"bench.PEER_COMMAND = [sys.executable, {str(peer)!r}]\n"
             "config = tiny_config(**{'model.d_ff': 128, 'data.seq_len': 8, 'data.batch_size': 2})\n"
             "results = bench.run(config, ['train'], peers=('hf-torch',), warmup=0, repeats=1, rounds=3)\n"
             "print(json.dumps({'ours': results['train'], 'peer': results['peers']['hf-torch']['train'],\n"
@@ -86,3 +86,20 @@ def test_bench_takes_turns_with_the_peer_and_takes_the_median_ratio(tmp_path):
     assert out["peer"]["round_tokens_per_s"] == [100.0, 200.0, 300.0]
     assert out["peer"]["tokens_per_s"] == 200.0
     assert out["ratio"] == statistics.median([ours[0] / 100, ours[1] / 200, ours[2] / 300])
+
+
+def test_bench_runs_the_hugging_face_peer_on_the_same_shape(tmp_path):
+    """The peer in the repository, train and sample, one round at a tiny shape; its GPT-2 has
+    exactly our parameter count, so both sides run the same model. (Not under torch.compile:
+    Inductor's compile alone takes a minute here.)"""
+    out = tmp_path / "bench.json"
+    result = run("experiments.bench", *TOOL_SHAPE, "--what=train,sample", "--peer",
+                 "--prompt_len=4", "--new_tokens=4", "--warmup=1", "--repeats=1", f"--out={out}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["ratios"]) == {"train/hf-torch", "sample/hf-torch"}
+    for what in ("train", "sample"):
+        peer = results["peers"]["hf-torch"][what]
+        assert peer["params"] == results["train"]["params"] and peer["tokens_per_s"] > 0
+    assert results["peers"]["hf-torch"]["train"]["tokens_per_step"] == 64
+    assert "train hf-torch" in result.stdout and "sample hf-torch" in result.stdout

@@ -97,7 +97,7 @@ def profile():
     config, model = bench.as_benchmarked(bench._CONFIG.value)  # pylint: disable=protected-access
     if _OF.value == "train":
         tx, schedule = make_optimizer(config.optim, config.train.steps)
-        batch = jax.device_put(bench.random_batch(config, np.random.default_rng(0)))
+        batch = jax.device_put(bench.random_batch(config))
         train = make_steps(model, schedule, "jit").train
         state = create_state(model, tx, config.train.seed, config.data.seq_len)
         state, metrics = train(state, batch)

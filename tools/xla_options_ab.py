@@ -20,7 +20,6 @@ from unittest import mock
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments import bench  # noqa: E402  (its --config and --repeats flags too)
@@ -56,7 +55,7 @@ def _variant(model: GPT, spec: str) -> tuple[GPT, dict, dict]:
 def main(_):
     config, model = bench.as_benchmarked(bench._CONFIG.value)  # pylint: disable=protected-access
     tx, schedule = make_optimizer(config.optim, config.train.steps)
-    batch = jax.device_put(bench.random_batch(config, np.random.default_rng(0)))
+    batch = jax.device_put(bench.random_batch(config))
     states, compiled = {}, {}
     for name in _VARIANTS.value:
         variant, options, environment = _variant(model, name)
