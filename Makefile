@@ -39,7 +39,8 @@ test: setup-dev
 	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 # The train step at GPT-2 small (seq 512, batch 4) and at a tiny shape, beside Hugging Face's
-# PyTorch GPT-2 eager and under torch.compile, in three rounds that take turns (ratios: medians of
+# PyTorch GPT-2 (experiments/bench_peer.py: torch and transformers from requirements-dev.txt)
+# eager and under torch.compile, in three rounds that take turns (ratios: medians of
 # the rounds'), plus sampling and the data pipeline at small; ratios ours/peer. About 13 minutes
 # on 2 CPU cores. JSON in bench_results/. On a shared machine BENCH_FLAGS=--cpus=1 pins both
 # sides to one core (see experiments/bench.py).
