@@ -1,5 +1,6 @@
 """Benchmark the train step, sampling and the data pipeline on this machine, optionally
-beside Hugging Face's PyTorch GPT-2 on the same shapes in the same run.
+beside Hugging Face's PyTorch GPT-2 (experiments/bench_peer.py) on the same shapes and tokens
+in the same run.
 
 python -m experiments.bench --config=configs/gpt2.py:small \
     --config.data.seq_len=512 --config.data.batch_size=4 [--peer] [--compile_peer] \
