@@ -77,13 +77,13 @@ def finetune(config, workdir: str) -> dict:
 
     model = GPTClassifier(model_cfg, num_outputs=task.num_labels, num_sequences=task.num_sequences,
                           multiple_choice=task.format == "multiple_choice",
-                          clf_pdrop=config.finetune.clf_pdrop)
+                          clf_pdrop=config.finetune.clf_pdrop, ops=common.kernels(config)[0])
     job = loop.Job(
         model=model, seq_len=length, tokens_per_step=batch_size * task.num_sequences * length,
         train_iter=pipeline.make_train_iterator(train_split, length, batch_size,
                                                 seed=config.train.seed, **loop.this_host()),
         eval_batches=pipeline.make_eval_batches(eval_split, length, batch_size, **loop.this_host()),
-        loss=make_loss(config.finetune.lm_coef, task.regression),
+        loss=make_loss(config.finetune.lm_coef, task.regression, model.ops.nll),
         evaluate=make_evaluate(task.regression), summarize=_summarize(task),
         initial_params=None if pretrained is None else
         (lambda fresh: load_pretrained(fresh, pretrained)))

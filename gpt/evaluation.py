@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt.cross_entropy import softmax_cross_entropy
 from gpt.data import Tokenizer
 from gpt.model import GPT
 
@@ -49,7 +48,7 @@ def sliding_windows(n_targets: int, context_len: int, stride: int) -> list[tuple
 @functools.partial(jax.jit, static_argnames="model")
 def _token_scores(model: GPT, params, inputs_BxT, targets_BxT):
     logits_BxTxV = model.apply({"params": params}, inputs_BxT)
-    logp_BxT = -softmax_cross_entropy(logits_BxTxV, targets_BxT)
+    logp_BxT = -model.ops.nll(logits_BxTxV, targets_BxT)
     return logp_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
 
 

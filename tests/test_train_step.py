@@ -6,7 +6,7 @@ import sys
 import jax
 import numpy as np
 
-from gpt.train_step import make_steps
+from gpt.parallel import make_steps
 from tests.helpers import batches, max_relative_error, model_and_state, tiny_config
 
 

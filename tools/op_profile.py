@@ -32,7 +32,8 @@ from absl import app, flags  # noqa: E402
 from experiments import bench  # noqa: E402  (its --config flag too)
 from gpt.optim import make_optimizer  # noqa: E402
 from gpt.sampling import generate  # noqa: E402
-from gpt.train_step import create_state, make_steps  # noqa: E402
+from gpt.parallel import make_steps
+from gpt.train_step import create_state  # noqa: E402
 
 _OF = flags.DEFINE_enum("of", "train", ["train", "sample"],
                         "The train step, or sampling (bench's --prompt_len and --new_tokens).")

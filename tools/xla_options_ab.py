@@ -27,7 +27,8 @@ from experiments import bench  # noqa: E402  (its --config and --repeats flags t
 from gpt.compiler import CPU_COMPILER_OPTIONS, ONEDNN_DOTS  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.optim import make_optimizer  # noqa: E402
-from gpt.train_step import create_state, make_steps  # noqa: E402
+from gpt.parallel import make_steps
+from gpt.train_step import create_state  # noqa: E402
 
 VARIANTS = {
     "ynnpack": {},  # XLA's default: dots (and some reductions) as YNNPACK fusions
