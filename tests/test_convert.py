@@ -25,6 +25,7 @@ from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, OpenAIGPTC
 from gpt import convert
 from gpt.config import GPTConfig
 from gpt.model import GPT
+from gpt.ops import REFERENCE
 
 torch.set_default_dtype(torch.float32)
 
@@ -75,21 +76,21 @@ def _tokens(vocab_size, batch, length, seed=0):
     return np.random.default_rng(seed).integers(0, vocab_size, (batch, length), dtype=np.int32)
 
 
-def _loss_and_logits(params, cfg, tokens_BxT):
-    logits_BxTxV = GPT(cfg).apply({"params": params}, tokens_BxT, deterministic=True)
+def _loss_and_logits(params, cfg, tokens_BxT, ops=REFERENCE):
+    logits_BxTxV = GPT(cfg, ops).apply({"params": params}, tokens_BxT, deterministic=True)
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits_BxTxV[:, :-1], tokens_BxT[:, 1:]).mean()
     return loss, logits_BxTxV
 
 
-_forward = jax.jit(_loss_and_logits, static_argnums=1)
+_forward = jax.jit(_loss_and_logits, static_argnums=(1, 3))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _ours(params, cfg, tokens_BxT):
-    """(mean next-token loss, logits, gradients of the loss): one compile per config."""
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _ours(params, cfg, tokens_BxT, ops=REFERENCE):
+    """(mean next-token loss, logits, gradients of the loss): one compile per config and ops."""
     (loss, logits_BxTxV), grads = jax.value_and_grad(_loss_and_logits, has_aux=True)(
-        params, cfg, tokens_BxT)
+        params, cfg, tokens_BxT, ops)
     return loss, logits_BxTxV, grads
 
 
@@ -150,13 +151,13 @@ def test_params_match_init_structure(case):
     assert case.cfg.vocab_size == case.hf.config.vocab_size  # GPT-1 special tokens carried
 
 
-def test_logits_match_hf(case):
-    _, ours, _ = _ours(case.params, case.cfg, case.tokens)
+def test_logits_match_hf(case, ops):
+    _, ours, _ = _ours(case.params, case.cfg, case.tokens, ops)
     _assert_close(ours, _hf_logits(case.hf, case.tokens), LOGITS_RTOL, "logits")
 
 
-def test_loss_and_gradients_match_hf(case):
-    loss, _, grads = _ours(case.params, case.cfg, case.tokens)
+def test_loss_and_gradients_match_hf(case, ops):
+    loss, _, grads = _ours(case.params, case.cfg, case.tokens, ops)
     hf_loss, hf_grads = _hf_loss_and_grads(case.hf, case.tokens)
     _assert_close(loss, hf_loss, LOGITS_RTOL, "loss")
     # Tied embeddings: both sides' wte gradient includes the head's contribution.

@@ -10,8 +10,8 @@ from gpt.parallel import make_steps
 from tests.helpers import batches, max_relative_error, model_and_state, tiny_config
 
 
-def _train(config, accum, n_steps=2):
-    model, schedule, state = model_and_state(config)
+def _train(config, accum, n_steps=2, ops=None):
+    model, schedule, state = model_and_state(config, *([ops] if ops else []))
     steps = make_steps(model, schedule, "jit", accum)
     metrics = None
     for batch in batches(config, n_steps):
@@ -19,9 +19,9 @@ def _train(config, accum, n_steps=2):
     return state, metrics
 
 
-def test_loss_decreases_and_metrics():
+def test_loss_decreases_and_metrics(ops):
     config = tiny_config(**{"optim.lr": 1e-2})
-    model, schedule, state = model_and_state(config)
+    model, schedule, state = model_and_state(config, ops)
     steps = make_steps(model, schedule, "jit")
     batch = batches(config, 1)[0]
     first = float(steps.eval(state, batch)["loss"])
@@ -33,10 +33,10 @@ def test_loss_decreases_and_metrics():
     np.testing.assert_allclose(float(metrics["lr"]), float(schedule(9)))
 
 
-def test_gradient_accumulation_matches_one_large_batch():
+def test_gradient_accumulation_matches_one_large_batch(ops):
     config = tiny_config()
-    one, m1 = _train(config, accum=1)
-    four, m4 = _train(config, accum=4)
+    one, m1 = _train(config, accum=1, ops=ops)
+    four, m4 = _train(config, accum=4, ops=ops)
     assert max_relative_error(four.params, one.params) < 1e-5
     np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-6)
 
