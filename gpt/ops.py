@@ -20,7 +20,7 @@ from jax import lax
 # cuDNN installed, Pallas' splash attention where it is lowered for a TPU, "xla" elsewhere and
 # wherever a kernel does not apply (attention dropout, a KV cache, a head width or dtype it lacks).
 SPLASH_HEAD_DIMS = (64, 128, 256)  # widths the TPU kernel tiles efficiently
-SPLASH_BLOCK = 128  # the TPU kernel's query and key blocks: the sequence must be a multiple
+SPLASH_BLOCK = 128  # the TPU kernel's query and key blocks (its lane width): T a multiple
 
 
 def split_heads(qkv_BxTx3D, n_head: int):
@@ -71,7 +71,7 @@ def splash_causal_attention(qkv_BxTx3D, *, n_head: int, interpret: bool = False)
     B, H, T, K = q.shape
     mask = splash_attention_mask.MultiHeadMask(
         [splash_attention_mask.CausalMask((T, T)) for _ in range(H)])
-    block = min(SPLASH_BLOCK, T)
+    block = SPLASH_BLOCK
     sizes = splash_attention_kernel.BlockSizes(
         block_q=block, block_kv_compute=block, block_kv=block, block_q_dkv=block,
         block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
@@ -82,7 +82,7 @@ def splash_causal_attention(qkv_BxTx3D, *, n_head: int, interpret: bool = False)
 
 
 def splash_applies(T: int, head_dim: int) -> bool:
-    return head_dim in SPLASH_HEAD_DIMS and T % min(SPLASH_BLOCK, T) == 0 and T >= 8
+    return head_dim in SPLASH_HEAD_DIMS and T % SPLASH_BLOCK == 0
 
 
 def cudnn_available() -> bool:

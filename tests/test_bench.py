@@ -52,7 +52,7 @@ def test_op_profile_names_the_model_parts():
 
 
 def test_xla_options_ab_times_each_variant():
-    variant = "ours:attention_block=8:GPT_JAX_FUSED_ATTENTION=0"  # blocks matter without the kernel
+    variant = "ours:attention_block=8:kernels=none"  # blocks matter without the kernel
     result = run("tools.xla_options_ab", *TOOL_SHAPE, f"--variants=ynnpack,{variant}", "--repeats=1")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()[-2:]
