@@ -3,7 +3,7 @@ with each XLA op's time summed per step (or per new token) and per model part, t
 from the op's HLO metadata. How gpt/cpu/compiler.py's options and the tied head's einsum were found.
 Ops that run concurrently on the thread pool are each counted in full, so the parts can sum
 to more than the wall time. Give it GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to run as the
-programs do (see experiments/__init__.py).
+Makefile runs them (see its HUGE_PAGES).
 
 python tools/op_profile.py --config=configs/gpt2.py:small --config.data.seq_len=512 \
     --config.data.batch_size=4 [--of=train|sample] [--steps=2] [--top=15]

@@ -4,7 +4,7 @@ every variant alike: how gpt/cpu/compiler.py's CPU_COMPILER_OPTIONS were chosen.
 an option set, optionally with model fields after colons, `onednn:attention_block=0`, or
 `kernels=none` for XLA's ops instead of gpt/cpu's kernels (train.kernels), `ours:kernels=none`.
 With the kernels, the products run on MKL whatever the options. Give it GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to time the steps as the
-programs run them (see experiments/__init__.py).
+Makefile runs them (see its HUGE_PAGES).
 
 python tools/xla_options_ab.py --config=configs/gpt2.py:small --config.data.seq_len=512 \
     --config.data.batch_size=4 [--variants=ynnpack,eigen,onednn,ours] [--repeats=5]
