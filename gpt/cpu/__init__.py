@@ -25,7 +25,7 @@ def ops(base: Ops = REFERENCE) -> Ops:
         causal_attention=attention.causal_attention(base.causal_attention),
         cached_attention=attention.cached_attention(base.cached_attention),
         nll=cross_entropy.nll(base.nll),
-        tied_head_nll=cross_entropy.tied_head_nll(base.tied_head_nll),
+        tied_head_nll=cross_entropy.tied_head_nll(base.tied_head_nll, mkl=matmul.loaded()),
         adamw=adamw.adamw)
     if matmul.loaded():
         kernels.update(dot_general=matmul.dot_general,

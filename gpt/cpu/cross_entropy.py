@@ -10,6 +10,8 @@ over the softmax and, for a tied head (`tied_head_nll`), its transpose. `nll` an
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -63,26 +65,26 @@ _fused.defvjp(_fused_forward, _fused_backward)
 
 
 @jax.named_scope("tied_head")
-def _head_logits(h_NxD, table_VxD):
+def _head_logits(h_NxD, table_VxD, mkl: bool):
     """The table's rows contracted as stored."""
-    if matmul.loaded():
+    if mkl:
         return matmul.over_rows(h_NxD, table_VxD, transpose_w=True)
     return jnp.einsum("...d,vd->...v", h_NxD, table_VxD)
 
 
-@jax.custom_vjp
-def _fused_head(h_NxD, table_VxD, labels_N):
-    return _fused(_head_logits(h_NxD, table_VxD), labels_N)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_head(h_NxD, table_VxD, labels_N, mkl: bool):
+    return _fused(_head_logits(h_NxD, table_VxD, mkl), labels_N)
 
 
-def _fused_head_forward(h_NxD, table_VxD, labels_N):
-    nll_N, softmax_NxV = _nll_and_softmax(_head_logits(h_NxD, table_VxD), labels_N)
+def _fused_head_forward(h_NxD, table_VxD, labels_N, mkl):
+    nll_N, softmax_NxV = _nll_and_softmax(_head_logits(h_NxD, table_VxD, mkl), labels_N)
     return nll_N, (softmax_NxV, h_NxD, table_VxD, labels_N)
 
 
-def _fused_head_backward(residuals, g_N):
+def _fused_head_backward(mkl, residuals, g_N):
     softmax_NxV, h_NxD, table_VxD, labels_N = residuals
-    if matmul.loaded():  # MKL reads the gradient transposed at speed
+    if mkl:  # MKL reads the gradient transposed at speed
         dlogits_NxV = _gradient(softmax_NxV, labels_N, g_N)
         with jax.named_scope("tied_head"):
             return (matmul.matmul(dlogits_NxV, table_VxD),
@@ -103,12 +105,12 @@ def _rows(logits_NxV, labels_N):
                   labels_N.reshape(-1)).reshape(labels_N.shape)
 
 
-def _tied_rows(h_NxD, table_VxD, labels_N):
+def _tied_rows(h_NxD, table_VxD, labels_N, mkl: bool):
     """The fused head and loss over any leading shape of h. The table's gradient reads a
     transpose of the logits' gradient that the kernel writes while it has each tile in cache,
-    not one XLA copies out afterwards."""
+    not one XLA copies out afterwards; with MKL, the head's products run on it."""
     return _fused_head(h_NxD.reshape(-1, h_NxD.shape[-1]), table_VxD,
-                       labels_N.astype(jnp.int32).reshape(-1)).reshape(labels_N.shape)
+                       labels_N.astype(jnp.int32).reshape(-1), mkl).reshape(labels_N.shape)
 
 
 def nll(reference):
@@ -117,14 +119,14 @@ def nll(reference):
         logits, labels, cpu=_rows, default=reference)
 
 
-def tied_head_nll(reference):
+def tied_head_nll(reference, mkl: bool):
     """`reference` (gpt.ops.tied_head_nll) as the fused head and loss where a step is lowered
-    for CPU in float32."""
+    for CPU in float32; `mkl`: the head's products on MKL (matmul.loaded())."""
 
     def head_nll(h_NxD, table_VxD, labels_N):
         if not h_NxD.dtype == table_VxD.dtype == jnp.float32:
             return reference(h_NxD, table_VxD, labels_N)
-        return jax.lax.platform_dependent(h_NxD, table_VxD, labels_N, cpu=_tied_rows,
-                                          default=reference)
+        return jax.lax.platform_dependent(h_NxD, table_VxD, labels_N, default=reference,
+                                          cpu=functools.partial(_tied_rows, mkl=mkl))
 
     return head_nll
