@@ -107,9 +107,6 @@ def _lm1b_sentences(config) -> Sequence[str] | None:
 
 def suite(workdir: str, config, model, params, tokenizer, **kwargs) -> dict:
     """GPT-2's zero-shot table: prints it, writes zero_shot.json and zero_shot.md."""
-    if not _DATA_ROOT.value or not os.path.isdir(_DATA_ROOT.value):
-        raise ValueError(f"--data_root={_DATA_ROOT.value!r} must be a directory holding the "
-                         f"benchmarks' files, e.g. {', '.join(zero_shot.FILES.values())}")
     bars = _Bars()
     result = zero_shot.gpt2_zero_shot(
         model, params, tokenizer, _DATA_ROOT.value, stride=_STRIDE.value or None,
@@ -131,6 +128,9 @@ def evaluate(workdir: str):
         raise ValueError("--workdir is required: a training run's directory")
     if _STRIDE.value < 0 or _LIMIT.value < 0 or _BATCH_TOKENS.value < 1:
         raise ValueError("--stride and --limit must be >= 0 and --batch_tokens >= 1")
+    if _SUITE.value and not os.path.isdir(_DATA_ROOT.value):
+        raise ValueError(f"--data_root={_DATA_ROOT.value!r} must be a directory holding the "
+                         f"benchmarks' files, e.g. {', '.join(zero_shot.FILES.values())}")
     config, model, params = common.load_run(workdir)
     tokenizer = data.get_tokenizer(config.data, common.to_stderr)
     kwargs = dict(context_len=min(config.data.seq_len, model.cfg.max_len),  # positions it trained
