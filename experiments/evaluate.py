@@ -128,6 +128,12 @@ def evaluate(workdir: str):
         raise ValueError("--workdir is required: a training run's directory")
     if _STRIDE.value < 0 or _LIMIT.value < 0 or _BATCH_TOKENS.value < 1:
         raise ValueError("--stride and --limit must be >= 0 and --batch_tokens >= 1")
+    given = [f"--{name}" for name in ("task", "dataset", "split", "feature", "limit")
+             if flags.FLAGS[name].present]
+    if _SUITE.value and given:
+        raise ValueError(f"--suite scores its own benchmarks' test sets: drop {', '.join(given)}")
+    if _STOPWORD_FILTER.value and not _SUITE.value and _TASK.value != "lambada":
+        raise ValueError("--stopword_filter is LAMBADA's: use it with --task=lambada or --suite")
     if _SUITE.value and not os.path.isdir(_DATA_ROOT.value):
         raise ValueError(f"--data_root={_DATA_ROOT.value!r} must be a directory holding the "
                          f"benchmarks' files, e.g. {', '.join(zero_shot.FILES.values())}")

@@ -341,7 +341,7 @@ def gpt2_zero_shot(model: GPT, params, tokenizer: Tokenizer, data_root: str, *,
         path = os.path.join(data_root, relative)
         sentences = None if os.path.isfile(path) or name != "lm1b" else lm1b_sentences()
         if not os.path.isfile(path) and sentences is None:
-            missing[LABELS[name]] = path
+            missing[LABELS[name]] = path + (" nor a prepared TFDS lm1b" if name == "lm1b" else "")
             continue
         kwargs = dict(context_len=context_len, batch_tokens=batch_tokens,
                       progress=progress(LABELS[name]))

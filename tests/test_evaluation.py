@@ -226,10 +226,16 @@ def test_sample_and_evaluate_programs(trained, tmp_path):
                    for line in table.splitlines()), (label, metric)
 
 
-def test_suite_needs_a_data_root(tmp_path):
-    process = start_quick("experiments.evaluate", f"--workdir={tmp_path}", "--suite=gpt2_zero_shot",
-                          f"--data_root={tmp_path / 'absent'}")
-    stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 2 and stdout == ""
-    assert stderr.startswith(f"error: --data_root='{tmp_path / 'absent'}' must be a directory")
-    assert len(stderr.strip().splitlines()) == 1
+def test_suite_flags_are_checked_first(tmp_path):
+    """Before anything loads: one line each, naming the flag."""
+    absent = tmp_path / "absent"
+    cases = {f"error: --data_root='{absent}' must be a directory": [f"--data_root={absent}"],
+             "error: --suite scores its own benchmarks' test sets: drop --task, --limit":
+                 [f"--data_root={tmp_path}", "--task=lambada", "--limit=3"]}
+    processes = {message: start_quick("experiments.evaluate", f"--workdir={tmp_path}",
+                                      "--suite=gpt2_zero_shot", *args)
+                 for message, args in cases.items()}
+    for message, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2 and stdout == ""
+        assert stderr.startswith(message) and len(stderr.strip().splitlines()) == 1, stderr

@@ -269,7 +269,7 @@ def test_suite_rows_are_hf_s(hf_and_ours, tmp_path):
     rows = {(r["benchmark"], r["metric"].split(",")[0]): r for r in result["rows"]}
 
     def word_perplexity(text_lines, detokenize, words):
-        nats, _ = _hf_corpus_nats(hf, hf_tok, "".join(detokenize(l) + "\n" for l in text_lines))
+        nats, _ = _hf_corpus_nats(hf, hf_tok, "".join(detokenize(line) + "\n" for line in text_lines))
         return math.exp(nats / words)
 
     wiki = files.WIKITEXT.splitlines()
