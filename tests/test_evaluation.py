@@ -11,7 +11,8 @@ import pytest
 
 from gpt import evaluation
 from gpt.data import tokenizers
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from tests import zero_shot_files
 from tests.helpers import start
 
