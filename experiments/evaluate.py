@@ -15,7 +15,7 @@ parts too. Prints the metrics as JSON and writes them to W/eval_<dataset>_<split
 (a .jsonl file: eval_<file name>.json; LAMBADA: eval_lambada_...).
 
 --suite=gpt2_zero_shot scores each benchmark of GPT-2's Table 3 (and HellaSwag) whose
-release file is under --data_root (paths in gpt/zero_shot.py FILES; 1BW also from a
+release file is under --data_root (paths: docs/zero_shot.md; 1BW also from a
 prepared TFDS lm1b), prints a table beside the paper's figures for the nearest GPT-2 size,
 and writes W/zero_shot.json and W/zero_shot.md.
 """
