@@ -38,7 +38,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.")
 _TASK = flags.DEFINE_enum("task", "perplexity", TASKS, "What to measure.")
 _DATASET = flags.DEFINE_string(
     "dataset", "", "Corpus, text:PATH, TFDS name or .jsonl file; default: the run's corpus "
-    "(perplexity), lambada (TFDS, --task=lambada).")
+    "(perplexity), lambada (--task=lambada: TFDS's lambada, the original release, lower-cased "
+    "and tokenized, not OpenAI's lambada_test.jsonl that GPT-2 was scored on).")
 _SPLIT = flags.DEFINE_enum("split", "validation", ("train", "validation", "all"),
                            "validation: the held-out split (TFDS: validation, else test; the "
                            "built-in corpus and text:PATH: each document's held-out tail); "

@@ -66,12 +66,14 @@ def sliding_windows(n_targets: int, context_len: int, stride: int) -> list[tuple
 @functools.partial(jax.jit, static_argnames="model")
 def _token_scores(model: GPT, params, inputs_BxT, targets_BxT, banned_V):
     """Log-probabilities of the targets, whether each is the argmax, and whether each is
-    the argmax over the ids that `banned_V` (bool) leaves."""
+    the argmax over the ids that `banned_V` (bool, or None: all) leaves."""
     logits_BxTxV = model.apply({"params": params}, inputs_BxT)
     logp_BxT = -softmax_cross_entropy(logits_BxTxV, targets_BxT)
+    correct_BxT = jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+    if banned_V is None:  # no second copy of the logits
+        return logp_BxT, correct_BxT, correct_BxT
     allowed_BxTxV = jnp.where(banned_V, -jnp.inf, logits_BxTxV.astype(jnp.float32))
-    return (logp_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT,
-            jnp.argmax(allowed_BxTxV, axis=-1) == targets_BxT)
+    return logp_BxT, correct_BxT, jnp.argmax(allowed_BxTxV, axis=-1) == targets_BxT
 
 
 def _bucket(length: int, context_len: int) -> int:
@@ -99,8 +101,10 @@ def score(model: GPT, params, rows: Sequence[tuple[Sequence[int], int]], *,
         if not 1 <= n < len(tokens) or len(tokens) - 1 > context_len:
             raise ValueError(f"a row of {len(tokens)} tokens scoring {n} does not fit: at most "
                              f"{context_len + 1} tokens and at least one before the scored ones")
-    banned_V = np.zeros(model.cfg.vocab_size, bool)
-    banned_V[np.asarray(banned_first, np.int64)] = True
+    banned_V = None
+    if len(banned_first):
+        banned_V = np.zeros(model.cfg.vocab_size, bool)
+        banned_V[np.asarray(banned_first, np.int64)] = True
     results: list = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     start = 0
