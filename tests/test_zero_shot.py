@@ -316,3 +316,12 @@ def test_suite_rows_are_hf_s(hf_and_ours, tmp_path):
              ("WikiText-103", "perplexity"): 37.50, ("1BW", "perplexity"): 75.20,
              ("HellaSwag", "acc (%)"): None, ("HellaSwag", "acc_norm (%)"): None}
     assert {key: row["paper"] for key, row in rows.items()} == paper
+
+    empty = tmp_path / "empty"  # 1BW's sentences from elsewhere (TFDS lm1b) when its file is absent
+    empty.mkdir()
+    elsewhere = zero_shot.gpt2_zero_shot(model, params, tokenizers.gpt2_tokenizer(), str(empty),
+                                         batch_tokens=BATCH_TOKENS,
+                                         lm1b_sentences=lambda: files.LM1B.splitlines())
+    assert [(r["benchmark"], r["value"]) for r in elsewhere["rows"]] == [
+        ("1BW", rows["1BW", "perplexity"]["value"])]
+    assert sorted(elsewhere["missing"]) == sorted(set(zero_shot.LABELS.values()) - {"1BW"})
