@@ -53,6 +53,15 @@ def _summarize(task: tasks.Task):
     return summarize
 
 
+def set_steps(config, num_examples: int) -> None:
+    """train.steps from train.epochs over `num_examples`, and optim.warmup_steps from
+    optim.warmup_fraction of them."""
+    steps_per_epoch = max(1, num_examples // config.data.batch_size)
+    config.train.steps = max(1, math.ceil(config.train.epochs * steps_per_epoch))
+    if config.optim.warmup_fraction > 0:
+        config.optim.warmup_steps = round(config.optim.warmup_fraction * config.train.steps)
+
+
 def finetune(config, workdir: str) -> dict:
     task = tasks.get_task(config.task)
     workdir = common.prepare_workdir(workdir)  # a bad one fails before any data work
@@ -73,10 +82,7 @@ def finetune(config, workdir: str) -> dict:
                                  task, tok, max_len, "eval")
     length = pipeline.padded_length(train_split, eval_split, max_len=max_len)
     batch_size = config.data.batch_size
-    steps_per_epoch = max(1, len(train_split.seqs) // batch_size)
-    config.train.steps = max(1, math.ceil(config.train.epochs * steps_per_epoch))
-    if config.optim.warmup_fraction > 0:
-        config.optim.warmup_steps = round(config.optim.warmup_fraction * config.train.steps)
+    set_steps(config, len(train_split.seqs))
 
     model = GPTClassifier(model_cfg, num_outputs=task.num_labels, num_sequences=task.num_sequences,
                           multiple_choice=task.format == "multiple_choice",
@@ -89,7 +95,9 @@ def finetune(config, workdir: str) -> dict:
         loss=make_loss(config.finetune.lm_coef, task.regression),
         evaluate=make_evaluate(task.regression), summarize=_summarize(task),
         initial_params=None if pretrained is None else
-        (lambda fresh: load_pretrained(fresh, pretrained)))
+        (lambda fresh: load_pretrained(fresh, pretrained)),
+        origin=f"from the pre-trained weights of {config.init_from}" if pretrained is not None
+        else "from scratch (random weights: no pre-training)")
     return loop.run(config, workdir, job, num_devices, mesh)
 
 

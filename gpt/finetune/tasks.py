@@ -5,11 +5,14 @@
 fields of its `task.format`:
   classification {"text", "label"}; entailment and similarity {"text_a", "text_b",
   "label"}; multiple_choice {"context", "choices": [...], "label": index of the answer}.
+Texts are strings, choices a list of strings, a label an integer (a class or an answer's
+index) or, for a regression (num_labels 1), a finite number.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
 
@@ -138,6 +141,25 @@ def get_task(task_cfg: ml_collections.ConfigDict) -> Task:
                 eval_split=task_cfg.eval_split or "validation")
 
 
+def _jsonl_example(row: dict, fmt: str, num_labels: int) -> Example:
+    """One jsonl row as an Example; ValueError names the field that is wrong."""
+    for name in _JSONL_FIELDS[fmt]:
+        if not isinstance(row[name], str):
+            raise ValueError(f"field {name!r} is {row[name]!r}; it must be a string")
+    choices = row.get("choices", [])
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"field 'choices' is {choices!r}; it must be a list of strings")
+    label = row["label"]
+    if num_labels == 1 and fmt != "multiple_choice":
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label):
+            raise ValueError(f"field 'label' is {label!r}; it must be a finite number (a regression target)")
+    elif isinstance(label, bool) or not (isinstance(label, int)
+                                         or isinstance(label, float) and label.is_integer()):
+        raise ValueError(f"field 'label' is {label!r}; it must be an integer, the index of the "
+                         f"{'answer' if fmt == 'multiple_choice' else 'class'}")
+    return Example(tuple(row[name] for name in _JSONL_FIELDS[fmt]), float(label), tuple(choices))
+
+
 def _jsonl_examples(path: str, fmt: str, num_labels: int) -> list[Example]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"task.name: {path} does not exist (a jsonl task needs "
@@ -156,8 +178,10 @@ def _jsonl_examples(path: str, fmt: str, num_labels: int) -> list[Example]:
             if not isinstance(row, dict) or missing:
                 raise ValueError(f"{path}:{number}: a {fmt} example is a JSON object with "
                                  f"{', '.join(needed)}" + (f"; missing {', '.join(missing)}" if missing else ""))
-            examples.append(Example(tuple(str(row[k]) for k in _JSONL_FIELDS[fmt]), float(row["label"]),
-                                    tuple(str(c) for c in row.get("choices", ()))))
+            try:
+                examples.append(_jsonl_example(row, fmt, num_labels))
+            except ValueError as e:
+                raise ValueError(f"{path}:{number}: {e}") from None
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples
