@@ -3,6 +3,7 @@ synthetic tasks from a tiny pre-trained run."""
 import csv
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from gpt.finetune import metrics, pipeline, tasks
 from gpt.finetune.model import GPTClassifier, load_pretrained, make_loss
 from gpt.finetune.transforms import Example, sequences, to_arrays
 from gpt.model import GPT, ConfigError, GPTConfig
+from gpt.optim import lr_schedule
 from tests.helpers import run
 
 TOK = bytes_tokenizer().with_special_tokens()
@@ -154,6 +156,24 @@ def test_special_rows_are_appended_after_a_table_larger_than_the_tokenizer():
     np.testing.assert_array_equal(loaded["clf"]["kernel"], fresh["clf"]["kernel"])
 
 
+def test_schedule_is_the_released_warmup_linear():
+    """finetune-transformer-lm opt.py, `warmup_linear(x, warmup=0.002)`: s * (x / warmup) +
+    (1 - s) * (1 - x), s = x <= warmup, at x = t / t_total for the t-th update (t from 1),
+    times the paper's lr 6.25e-5; 64,000 examples in batches of 32 for 3 epochs: 6,000 updates."""
+    c = get_finetune_config("sst2")
+    finetune.set_steps(c, 64_000)
+    assert (c.train.steps, c.optim.lr) == (6000, 6.25e-5)
+    schedule = lr_schedule(c.optim, c.train.steps)
+
+    def released(t):
+        x = t / 6000
+        s = float(x <= 0.002)
+        return 6.25e-5 * (s * (x / 0.002) + (1 - s) * (1 - x))
+
+    for step in (0, 1, 5, 10, 11, 12, 13, 100, 3000, 5998, 5999):
+        np.testing.assert_allclose(float(schedule(step)), released(step + 1), rtol=1e-5, atol=1e-13)
+
+
 # ---- learning synthetic tasks from a tiny pre-trained run ----------------------------------
 
 def _write_jsonl(directory, name, rows):
@@ -264,6 +284,28 @@ def test_label_out_of_range_is_one_line(synthetic, tmp_path):
         pipeline.encode(tasks.load_examples(task, c.task, "train"), task, TOK, 16, "train")
 
 
+@pytest.mark.parametrize("fmt,num_labels,row,message", [
+    ("classification", 2, {"text": "a", "label": None}, "field 'label' is None; it must be an integer"),
+    ("classification", 2, {"text": "a", "label": [1]}, r"field 'label' is \[1\]; it must be an integer"),
+    ("classification", 2, {"text": {"a": 1}, "label": 1}, "field 'text' is {'a': 1}; it must be a string"),
+    ("multiple_choice", 2, {"context": "c", "choices": "ab", "label": 0},
+     "field 'choices' is 'ab'; it must be a list of strings"),
+    ("similarity", 1, {"text_a": "a", "text_b": "b", "label": float("nan")},
+     "field 'label' is nan; it must be a finite number"),
+])
+def test_bad_jsonl_field_names_file_line_and_field(tmp_path, fmt, num_labels, row, message):
+    good = {"classification": {"text": "a", "label": 1},
+            "multiple_choice": {"context": "c", "choices": ["a", "b"], "label": 1},
+            "similarity": {"text_a": "a", "text_b": "b", "label": 0.5}}[fmt]
+    _write_jsonl(tmp_path, "train", [good, row])
+    c = get_finetune_config(f"jsonl:{tmp_path}")
+    c.task.format, c.task.num_labels = fmt, num_labels
+    c.task.metrics = ("pearson",) if num_labels == 1 else ("accuracy",)
+    task = tasks.get_task(c.task)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'train.jsonl'))}:2: {message}"):
+        tasks.load_examples(task, c.task, "train")
+
+
 def test_command_line(pretrained, synthetic, tmp_path):
     args = ["--config=configs/finetune/sst2.py", f"--config.init_from={pretrained}",
             f"--config.task.name=jsonl:{synthetic / 'cls'}", "--config.task.format=classification",
@@ -272,11 +314,19 @@ def test_command_line(pretrained, synthetic, tmp_path):
     result = run("experiments.finetune", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith(f"jsonl:{synthetic / 'cls'}: validation f1 ")
+    assert f"from the pre-trained weights of {pretrained}" in result.stdout
+    assert "from scratch" not in result.stdout + result.stderr
 
     bad = run("experiments.finetune", "--config=configs/finetune/sst2.py", f"--workdir={tmp_path / 'x'}",
               f"--config.data.data_dir={tmp_path / 'empty'}")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("error: task.name='glue/sst2': the TFDS dataset glue/sst2 is not prepared")
+
+    _write_jsonl(tmp_path / "null", "train", [{"text": "a", "label": None}])
+    bad = run("experiments.finetune", *args[:2], f"--config.task.name=jsonl:{tmp_path / 'null'}", *args[3:-1],
+              f"--workdir={tmp_path / 'y'}")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert bad.stderr.startswith(f"error: {tmp_path / 'null' / 'train.jsonl'}:1: field 'label' is None;")
 
 
 def test_classifier_dropout_alone_turns_dropout_on():
