@@ -389,6 +389,13 @@ def test_story_cloze_trains_on_validation_and_evaluates_on_test(tmp_path):
     assert example == Example(("t2 one. Two. Three. Four.",), 1.0, ("Good end.", "Bad end."))
 
 
+@pytest.mark.parametrize("name,split", [("snli", "test"), ("scitail", "test"), ("race_high", "test"),
+                                        ("race_middle", "test"), ("mnli", "validation_matched")])
+def test_evaluated_on_the_split_of_gpt1s_figure_where_its_labels_are_public(name, split):
+    """GPT-1's tables 2 and 3 report test sets; GLUE's test labels are private."""
+    assert tasks.get_task(get_finetune_config(name).task).eval_split == split
+
+
 def test_race_is_the_union_of_high_and_middle_on_test(monkeypatch):
     """GPT-1's RACE 59.0 is the test accuracy over both levels. Rows as TFDS's race/* gives
     them (one article, its questions, options and answer letters); TFDS needs TensorFlow to

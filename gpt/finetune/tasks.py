@@ -93,11 +93,13 @@ TASKS = {
                  examples=_fields("question", "sentence")),
     "rte": Task("entailment", 2, ("accuracy",), (_GLUE + "rte",),
                 examples=_fields("sentence1", "sentence2")),
-    "snli": Task("entailment", 3, ("accuracy",), ("snli",), examples=_fields("premise", "hypothesis")),
-    "scitail": Task("entailment", 2, ("accuracy",), ("sci_tail",),
+    # GPT-1's SNLI, SciTail and RACE figures (tables 2, 3) are test-set accuracies, labels
+    # public; GLUE's test labels are not, so the GLUE tasks report validation.
+    "snli": Task("entailment", 3, ("accuracy",), ("snli",), eval_split="test",
+                 examples=_fields("premise", "hypothesis")),
+    "scitail": Task("entailment", 2, ("accuracy",), ("sci_tail",), eval_split="test",
                     examples=_fields("premise", "hypothesis")),
-    # GPT-1's RACE figures (table 3) are test-set accuracies; its "RACE" is the union of
-    # the high- and middle-school sets.
+    # GPT-1's "RACE" is the union of the high- and middle-school sets.
     "race": Task("multiple_choice", 4, ("accuracy",), ("race/high", "race/middle"),
                  eval_split="test", examples=_race),
     "race_high": Task("multiple_choice", 4, ("accuracy",), ("race/high",), eval_split="test",
