@@ -53,7 +53,7 @@ def test_dropout_masks_differ_between_steps_and_repeat_on_resume():
 
     def from_host(host_state, step=None):  # fresh device buffers: the train step donates its input
         fresh = jax.tree_util.tree_map(jax.numpy.array, host_state)
-        return fresh if step is None else fresh.replace(step=step)
+        return fresh if step is None else fresh.replace(step=jax.numpy.array(step, fresh.step.dtype))
 
     same_params = [float(steps.train(from_host(host, k), batch)[1]["loss"]) for k in (0, 1, 2)]
     deterministic = float(steps.eval(from_host(host), batch)["loss"])
