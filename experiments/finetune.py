@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from experiments import common, loop
 from gpt import data
-from gpt.config import validate
+from gpt.config import ConfigError, validate
 from gpt.finetune import pipeline, tasks
 from gpt.finetune.metrics import task_metrics
 from gpt.finetune.model import GPTClassifier, load_pretrained, make_evaluate, make_loss
@@ -56,10 +56,14 @@ def _summarize(task: tasks.Task):
 def set_steps(config, num_examples: int) -> None:
     """train.steps from train.epochs over `num_examples`, and optim.warmup_steps from
     optim.warmup_fraction of them."""
+    epochs, fraction = config.train.epochs, config.optim.warmup_fraction
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise ConfigError("train.epochs", "a positive number (fine-tuning sets train.steps from it)", epochs)
+    if not 0 <= fraction <= 1:
+        raise ConfigError("optim.warmup_fraction", "a fraction of training in [0, 1]", fraction)
     steps_per_epoch = max(1, num_examples // config.data.batch_size)
-    config.train.steps = max(1, math.ceil(config.train.epochs * steps_per_epoch))
-    if config.optim.warmup_fraction > 0:
-        config.optim.warmup_steps = round(config.optim.warmup_fraction * config.train.steps)
+    config.train.steps = max(1, math.ceil(epochs * steps_per_epoch))
+    config.optim.warmup_steps = round(fraction * config.train.steps)
 
 
 def finetune(config, workdir: str) -> dict:

@@ -175,6 +175,19 @@ def test_schedule_is_the_released_warmup_linear():
         np.testing.assert_allclose(float(schedule(step)), released(step + 1), rtol=1e-5, atol=1e-13)
 
 
+def test_fine_tuning_steps_and_warmup_come_from_epochs_and_fraction():
+    c = get_finetune_config("sst2")
+    c.optim.warmup_fraction = 0.0
+    finetune.set_steps(c, 640)
+    assert (c.train.steps, c.optim.warmup_steps) == (60, 0)  # not pre-training's 2,000
+    for key, value in (("train.epochs", float("nan")), ("train.epochs", 0.0), ("optim.warmup_fraction", 1.5),
+                       ("optim.warmup_fraction", float("nan"))):
+        c = get_finetune_config("sst2")
+        c[key.split(".")[0]][key.split(".")[1]] = value
+        with pytest.raises(ConfigError, match=f"^{re.escape(key)}="):
+            finetune.set_steps(c, 640)
+
+
 # ---- learning synthetic tasks from a tiny pre-trained run ----------------------------------
 
 def _write_jsonl(directory, name, rows):

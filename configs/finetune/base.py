@@ -36,7 +36,7 @@ def get_finetune_config(task: str) -> ml_collections.ConfigDict:
     # to the task's longest sequence up to this, as the release's n_ctx = min(longest, 512)
     o = c.optim
     o.lr, o.schedule, o.end_lr = 6.25e-5, "warmup_linear", 0.0  # paper, release (its schedule)
-    o.warmup_fraction = 0.002  # warmup over 0.2% of training (sets optim.warmup_steps): paper, release
+    o.warmup_fraction = 0.002  # warmup over 0.2% of training (sets optim.warmup_steps; 0: none): paper, release
     o.weight_decay, o.grad_clip = 0.01, 1.0  # 0.01: paper (pre-training's), release (l2); 1.0: release
     # b1, b2, eps 0.9, 0.999, 1e-8 (from configs/gpt1.py): release
     c.train.epochs = 3.0  # paper, release (n_iter)
