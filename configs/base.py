@@ -27,7 +27,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 6e-4
     c.optim.warmup_steps = 100
-    c.optim.schedule = "cosine"  # cosine | linear | constant (after warmup)
+    c.optim.schedule = "cosine"  # cosine | linear | constant (after warmup) | warmup_linear (GPT-1 fine-tuning)
     c.optim.end_lr = 0.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999

@@ -72,6 +72,7 @@ class Job:
     evaluate: Evaluate = lm_evaluate
     summarize: Callable[[list[dict]], dict] = _mean_loss  # eval outputs -> {"eval/...": float}
     initial_params: Callable[[Any], Any] | None = None  # fresh params -> starting params
+    origin: str = "from scratch"  # where a run that is not resumed starts, for its header
 
 
 class _Preemption:
@@ -165,7 +166,7 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
     writer = common.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
     _log(f"{n_params:,} parameters | {flops_per_tok / 1e6:.1f} MFLOPs/token | "
                f"{total_steps:,} steps of {tokens_per_step:,} tokens | "
-               f"{'from scratch' if resumed_step is None else f'resuming from step {resumed_step}'}")
+               f"{job.origin if resumed_step is None else f'resuming from step {resumed_step}'}")
 
     device_state = steps.put_state(state)
     last = {}

@@ -9,7 +9,7 @@ import dataclasses
 import math
 from typing import Any
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "warmup_linear")
 PARALLELISMS = ("jit", "pmap", "mesh")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")  # gelu_tanh: both papers' GELU

@@ -11,8 +11,19 @@ DECAYED = ("kernel", "embedding")  # nn.Dense's and nn.Embed's matrices
 
 
 def lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then cosine or linear decay to `end_lr` at `total_steps`."""
+    """Linear warmup from 0 to `lr`, then cosine or linear decay to `end_lr` at `total_steps`;
+    or "warmup_linear", GPT-1's fine-tuning schedule as released, update for update
+    (finetune-transformer-lm opt.py): the n-th update (from 1) uses lr * f(n / total_steps),
+    f(x) = x / w up to w = warmup_steps / total_steps, then 1 - x; end_lr is not used."""
     lr, end_lr, warmup = optim_cfg.lr, optim_cfg.end_lr, optim_cfg.warmup_steps
+    if optim_cfg.schedule == "warmup_linear":
+        w = warmup / total_steps
+
+        def warmup_linear(count):
+            x = (count + 1) / total_steps
+            return lr * jnp.where(x <= w, x / max(w, 1e-12), 1 - x)
+
+        return warmup_linear
     decay_steps = max(total_steps - warmup, 1)
     decay = {
         "cosine": lambda: optax.cosine_decay_schedule(lr, decay_steps, alpha=end_lr / lr if lr else 0.0),

@@ -110,7 +110,9 @@ def make_evaluate(regression: bool):
 def load_pretrained(fresh, pretrained):
     """`fresh` (the classifier's initial parameters) with every parameter the pre-trained
     model has. The token embedding keeps its pre-trained rows and its fresh rows after
-    them: the special tokens appended to the vocabulary start from the paper's init."""
+    them: the special tokens, appended after the pre-trained table, start from the model's
+    embedding init, N(0, model.init_std = 0.02), as the release's
+    `np.random.randn(n_special, n_embd) * 0.02` (finetune-transformer-lm train.py)."""
     out = dict(fresh)
     for name, value in pretrained.items():
         if name not in out:
