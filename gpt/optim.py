@@ -3,6 +3,7 @@ only, and global-norm clipping: one optax transformation."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from gpt.ops import REFERENCE, Ops
