@@ -164,8 +164,6 @@ class MetricWriter:
 
     def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True,
                  wandb_project: str = "", config: dict | None = None):
-        from tensorboardX import SummaryWriter
-
         self.enabled = enabled
         if not enabled:  # another process of a multi-host run writes the logs
             return
@@ -180,7 +178,7 @@ class MetricWriter:
         os.replace(self.path + ".tmp", self.path)
         self.start = time.monotonic() - (kept[-1].get("elapsed_s", 0.0) if kept else 0.0)
         self.jsonl = open(self.path, "a")
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self.tb = _EventFile(os.path.join(workdir, "tensorboard"))
         self.wandb = _wandb_run(wandb_project, workdir, config) if wandb_project else None
 
     def write(self, step: int, metrics: dict) -> None:
@@ -190,9 +188,7 @@ class MetricWriter:
                 "elapsed_s": round(time.monotonic() - self.start, 3)}
         self.jsonl.write(json.dumps({"step": step, **metrics, **when}) + "\n")
         self.jsonl.flush()
-        for key, value in metrics.items():
-            self.tb.add_scalar(key, value, step)
-        self.tb.flush()
+        self.tb.write(step, metrics)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
@@ -205,6 +201,28 @@ class MetricWriter:
             self.wandb.finish()
 
 
+class _EventFile:
+    """TensorBoard scalars, on disk when `write` returns: tensorboardX's SummaryWriter hands
+    events to a background thread, and its flush() does not wait for them."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        self.events = EventsWriter(os.path.join(logdir, "events"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        for key, value in metrics.items():
+            self.events.write_event(Event(wall_time=time.time(), step=step, summary=scalar(key, value)))
+        self.events.flush()
+
+    def close(self) -> None:
+        self.events.close()
+
+
 def _wandb_run(project: str, workdir: str, config: dict | None):
     """A Weights & Biases run named after the workdir; a resumed run continues the same W&B
     run (its id is kept in the workdir). wandb is optional: imported only when asked for."""
@@ -214,12 +232,12 @@ def _wandb_run(project: str, workdir: str, config: dict | None):
         raise ValueError(f"train.wandb={project!r} needs the wandb package: "
                          "pip install -r requirements-dev.txt (or pip install wandb)") from None
     id_path = os.path.join(workdir, "wandb_id")
+    run_id = None
     if os.path.exists(id_path):
         with open(id_path) as f:
             run_id = f.read().strip()
-    else:
-        run_id = wandb.util.generate_id()
-        with open(id_path, "w") as f:
-            f.write(run_id)
-    return wandb.init(project=project, dir=workdir, name=os.path.basename(workdir), id=run_id,
-                      resume="allow", config=config)
+    run = wandb.init(project=project, dir=workdir, name=os.path.basename(workdir), id=run_id,
+                     resume="allow", config=config)
+    with open(id_path, "w") as f:
+        f.write(run.id)
+    return run

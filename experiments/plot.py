@@ -15,7 +15,7 @@ from absl import flags
 
 from experiments import common
 
-_WORKDIR = flags.DEFINE_multi_string("workdir", [], "A run's directory; more may follow as arguments.")
+_WORKDIR = flags.DEFINE_multi_string("workdir", [], "A run's directory (more may follow as arguments)")
 _OUT = flags.DEFINE_string("out", "", "Where to write the PNG (default: see above).")
 
 
