@@ -264,7 +264,8 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
             if row:
                 last.update(row)
                 writer.write(step, row)
-                bar.set_postfix(loss=f"{last.get('train/loss', float('nan')):.3f}")
+                bar.set_postfix(loss=f"{last.get('train/loss', float('nan')):.3f}",
+                                tok_s=f"{last.get('train/tokens_per_s', 0.0):,.0f}")
                 _log(f"step {step:>7} | " + " | ".join(f"{k} {v:.4g}" for k, v in row.items()))
             if is_log:
                 timer_step, timer = step, time.perf_counter()
