@@ -187,6 +187,9 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
     caller has checked `workdir` (common.prepare_workdir) before any data work."""
     total_steps = config.train.steps
     model_cfg = job.model.cfg
+    if jax.default_backend() == "cpu" and not cpu_kernels.library_path().exists():
+        _log(f"compiling the C++ CPU kernels (once per machine, about a minute; "
+             f"cached in {cpu_kernels.library_path().parent})")
     tx, schedule = make_optimizer(config.optim, total_steps)
     steps = make_steps(job.model, schedule, config.train.parallelism, config.train.grad_accum_steps,
                        loss=job.loss, evaluate=job.evaluate,
@@ -205,9 +208,6 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
 
     n_params = flops.count_params(state.params)
     flops_per_tok = flops.flops_per_token(model_cfg, n_params, job.seq_len)
-    if jax.default_backend() == "cpu" and not cpu_kernels.library_path().exists():
-        _log(f"compiling the C++ CPU kernels (once per machine, about a minute; "
-             f"cached in {cpu_kernels.library_path().parent})")
     peak_per_device, peak_source = flops.peak_flops(model_cfg.dtype, config.train.peak_flops)
     peak = peak_per_device * num_devices
     tokens_per_step = job.tokens_per_step
