@@ -42,7 +42,10 @@ _TOP = flags.DEFINE_integer("top", 15, "Ops listed one by one.")
 
 _OP_LINE = re.compile(r'\s*(?:ROOT )?%(\S+) = .*?op_name="([^"]*)"')
 _NUMBERED = re.compile(r"[.]\d+$")  # dot.182 -> dot
-_WRAPPER = re.compile(r"(transpose\()?jvp\(.*|while|body|h_\d+|GPT\.(hidden_states|_stack|decode|_final)")
+# jax's wrappers, the layer index, and the per-platform choice of gpt/cpu's ops (a cond whose
+# branch for the lowering platform is all that is compiled)
+_WRAPPER = re.compile(r"(transpose\()?jvp\(.*|while|body|cond|branch_\d+_fun|h_\d+|"
+                      r"GPT\.(hidden_states|_stack|decode|_final)")
 
 
 def op_names(dump_dir: str) -> dict:
