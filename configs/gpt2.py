@@ -22,6 +22,7 @@ def get_config(arg: str = "small"):
     m.n_layer, m.d_model, m.n_head = SIZES[arg]
     m.d_ff = 4 * m.d_model
     m.vocab_size, m.max_len = 50257, 1024
+    m.wpe_init_std = 0.01  # the released code's position table (model.py); HF's port uses 0.02
     m.norm_position, m.final_norm, m.scale_residual_init = "pre", True, True
     m.embd_pdrop = m.resid_pdrop = m.attn_pdrop = 0.0  # the released code has no dropout
     c.data.tokenizer = "gpt2"

@@ -66,6 +66,15 @@ def test_init_statistics():
     np.testing.assert_allclose(np.std(unscaled["h_0"]["mlp"]["c_proj"]["kernel"]), 0.02, rtol=0.05)
     assert not np.any(p["h_0"]["mlp"]["c_fc"]["bias"])
     np.testing.assert_array_equal(p["h_0"]["ln_1"]["scale"], 1.0)
+    np.testing.assert_allclose(np.std(p["wpe"]["embedding"]), 0.02, rtol=0.1)  # GPT-1, HF
+
+
+def test_gpt2_position_table_is_initialised_as_released():
+    """openai/gpt-2's model.py: wpe ~ N(0, 0.01), wte ~ N(0, 0.02)."""
+    cfg = dataclasses.replace(model_config(gpt2.get_config("tiny")), vocab_size=1000, max_len=1024)
+    p = _init(cfg)
+    np.testing.assert_allclose(np.std(p["wpe"]["embedding"]), 0.01, rtol=0.05)
+    np.testing.assert_allclose(np.std(p["wte"]["embedding"]), 0.02, rtol=0.05)
 
 
 # ---- NumPy transcription of the papers' equations ----------------------------------------
