@@ -3,12 +3,16 @@
 python -m experiments.train --config=configs/gpt1.py[:tiny] --workdir=DIR
 """
 from configs.base import get_base_config
+from gpt.data.tokenizers import BPE_BASE_SYMBOLS
 
 
 def get_config(arg: str = ""):
     c = get_base_config()
     m = c.model
-    m.vocab_size, m.max_len = 40478, 512
+    # GPT-1's 40,478 ids: the learned BPE's 478 base symbols (end-of-text among them, see
+    # gpt/data/tokenizers.py) + data.bpe_merges; follows --config.data.bpe_merges.
+    m.vocab_size = c.data.get_ref("bpe_merges") + BPE_BASE_SYMBOLS
+    m.max_len = 512
     m.n_layer, m.d_model, m.n_head, m.d_ff = 12, 768, 12, 3072
     m.norm_position, m.final_norm, m.scale_residual_init = "post", False, False
     m.embd_pdrop = m.resid_pdrop = m.attn_pdrop = 0.1

@@ -88,6 +88,17 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def check_vocabulary(tokenizer, config) -> None:
+    """Refuses a tokenizer with ids the model's embedding lacks: jnp.take would read NaN
+    for them, and training, evaluation and sampling would go on with NaN losses."""
+    from gpt.model import ConfigError
+
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError("model.vocab_size", f"at least data.tokenizer={config.data.tokenizer}'s "
+                          f"{tokenizer.vocab_size} ids (the embedding has a row per id)",
+                          config.model.vocab_size)
+
+
 def load_run(workdir: str, step: int | None = None):
     """The resolved config, model and parameters of a training run's checkpoint (latest by
     default): what sampling, evaluation and fine-tuning start from."""

@@ -76,6 +76,7 @@ def evaluate(workdir: str) -> dict:
     task = _TASK.value
     dataset = _DATASET.value or (config.data.name if task == "perplexity" else "lambada")
     tokenizer = data.get_tokenizer(config.data, common.to_stderr)
+    common.check_vocabulary(tokenizer, config)
     name, items = texts(config, dataset, _SPLIT.value, _FEATURE.value)
     if _LIMIT.value:
         items = itertools.islice(items, _LIMIT.value)

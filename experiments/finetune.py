@@ -57,7 +57,9 @@ def finetune(config, workdir: str) -> dict:
     task = tasks.get_task(config.task)
     workdir = common.prepare_workdir(workdir)  # a bad one fails before any data work
     pretrained = _adopt_pretrained(config) if config.init_from else None
-    tok = data.get_tokenizer(config.data, loop.progress()).with_special_tokens()
+    tok = data.get_tokenizer(config.data, loop.progress())
+    common.check_vocabulary(tok, config)  # the pre-trained table has a row for each id
+    tok = tok.with_special_tokens()
     config.model.vocab_size = max(config.model.vocab_size, tok.vocab_size)
     config.data.seq_len = min(config.data.seq_len, config.model.max_len)
     num_devices, mesh = loop.num_devices_and_mesh(config)
