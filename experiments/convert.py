@@ -55,6 +55,10 @@ def _base_config(hf_dir: str, config):
 
 
 def import_hf(hf_dir: str, workdir: str, config) -> None:
+    workdir = common.prepare_workdir(workdir)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+    if ckpt.all_steps():
+        raise ValueError(f"--workdir={workdir} already holds checkpoints; choose an empty directory")
     config, exported = _base_config(hf_dir, config)
     cfg, params = convert.from_hf(hf_dir, base=model_config(config))
     for key, value in vars(cfg).items():
@@ -73,10 +77,6 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
               f"checkpoint's vocabulary lacks: model.vocab_size={cfg.vocab_size}")
     common.check_vocabulary(tokenizer, config)
     validate(config)
-    workdir = common.prepare_workdir(workdir)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    if ckpt.all_steps():
-        raise ValueError(f"--workdir={workdir} already holds checkpoints; choose an empty directory")
     model = GPT(model_config(config))
     tx, _ = make_optimizer(config.optim, config.train.steps)
     state = create_state(model, tx, config.train.seed, config.data.seq_len)
