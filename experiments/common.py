@@ -91,7 +91,7 @@ def write_json_atomic(path: str, obj) -> None:
 def check_vocabulary(tokenizer, config) -> None:
     """Refuses a tokenizer with ids the model's embedding lacks: jnp.take would read NaN
     for them, and training, evaluation and sampling would go on with NaN losses."""
-    from gpt.model import ConfigError
+    from gpt.config import ConfigError
 
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError("model.vocab_size", f"at least data.tokenizer={config.data.tokenizer}'s "
@@ -106,7 +106,7 @@ def load_run(workdir: str, step: int | None = None):
     import ml_collections
 
     from gpt.checkpoint import Checkpointer
-    from gpt.configuration import model_config
+    from gpt.config import model_config
     from gpt.model import GPT
     from gpt.optim import make_optimizer
     from gpt.train_step import create_state
