@@ -89,6 +89,7 @@ def import_hf(hf_dir: str, workdir: str, config) -> None:
 
 def export_hf(workdir: str, out: str) -> None:
     config, _, params = common.load_run(workdir)
+    data.get_tokenizer(config.data, common.to_stderr)  # refused before anything is written
     convert.to_hf(model_config(config), params, out)
     print(data.save_hf(config.data, out))
     common.write_json_atomic(os.path.join(out, RUN_CONFIG), config.to_dict())
