@@ -1,13 +1,10 @@
-"""The C++ kernels behind the fused loss (cross_entropy.cc), attention (attention.cc), the
-BLAS matmul (matmul.cc) and the AdamW update (adamw.cc): XLA FFI custom calls on XLA's own CPU thread pool, compiled on first
-use with the machine's C++ compiler ($CXX, else c++) into a cache directory, one library for
-all. Without a compiler, on GPU and TPU, or with the kernel's environment variable set to 0,
-callers use XLA's ops instead.
+"""Builds the C++ kernels (cross_entropy.cc, attention.cc, matmul.cc, adamw.cc) into one library
+of XLA FFI custom calls for the CPU backend, compiled on first use with the machine's C++
+compiler ($CXX, else c++) into a cache directory. Where it cannot be built, gpt.cpu.ops()
+leaves XLA's ops in place.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import functools
 import hashlib
@@ -37,7 +34,6 @@ _TARGETS = {
     "gpt_matmul": "GptMatMul",
     "gpt_adamw": "GptAdamW",
 }
-_OFF = contextvars.ContextVar("gpt_cpu_kernels_off", default=False)
 
 
 def _cache_dir() -> pathlib.Path:
@@ -45,14 +41,23 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(root) / "gpt-jax"
 
 
+def library_path() -> pathlib.Path:
+    """Where the kernels' library is cached: one file per source, jaxlib version and compiler."""
+    texts = [path.read_text() for path in _SOURCES + _HEADERS]
+    key = hashlib.sha256("\0".join([*texts, jaxlib.__version__, _compiler(), *_FLAGS])
+                         .encode()).hexdigest()[:16]
+    return _cache_dir() / f"gpt_kernels-{key}.so"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
 def build() -> pathlib.Path:
     """Compiles the kernels once per source, jaxlib version and compiler; concurrent builders
     each write a temporary file and the last rename wins."""
-    compiler = os.environ.get("CXX", "c++")
-    texts = [path.read_text() for path in _SOURCES + _HEADERS]
-    key = hashlib.sha256("\0".join([*texts, jaxlib.__version__, compiler, *_FLAGS])
-                         .encode()).hexdigest()[:16]
-    library = _cache_dir() / f"gpt_kernels-{key}.so"
+    compiler = _compiler()
+    library = library_path()
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
@@ -92,36 +97,3 @@ def require(what: str) -> None:
     """Raises unless the kernels are built and registered."""
     if not available():
         raise RuntimeError(f"the fused {what} kernel could not be built (see the log)")
-
-
-@contextlib.contextmanager
-def off():
-    """Within it, `use(None, ...)` is False: what is traced there uses XLA's ops."""
-    token = _OFF.set(True)
-    try:
-        yield
-    finally:
-        _OFF.reset(token)
-
-
-def traced_without(fn):
-    """fn, traced with the kernels off. For programs partitioned over several devices: XLA's
-    partitioner cannot split a custom call, so it would gather each one's operands whole onto
-    every device, where its own ops stay sharded."""
-    @functools.wraps(fn)
-    def without(*args, **kwargs):
-        with off():
-            return fn(*args, **kwargs)
-    return without
-
-
-def use(fused: bool | None, variable: str, what: str) -> bool:
-    """Whether to call a kernel. fused=None: when tracing for CPU, outside `off()`, with the
-    kernels available and the environment variable not 0; True insists (an error without
-    them); False: never."""
-    if fused is None:
-        return (not _OFF.get() and os.environ.get(variable, "1") != "0"
-                and jax.default_backend() == "cpu" and available())
-    if fused:
-        require(what)
-    return fused
