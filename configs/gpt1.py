@@ -7,14 +7,18 @@ fine-tuning code, openai/finetune-transformer-lm: its model code and train.py's 
 the pre-training code was never released) or "ours" (in neither).
 """
 from configs.base import get_base_config
+from gpt.data.tokenizers import BPE_BASE_SYMBOLS
 
 
 def get_config(arg: str = ""):
     c = get_base_config()
-    # vocab_size: release (its encoder_bpe_40000.json has 40,478 ids: the paper's 40,000 BPE
-    # merges on 478 base symbols). max_len 512: paper ("sequences of 512 tokens").
     m = c.model
-    m.vocab_size, m.max_len = 40478, 512
+    # vocab_size: release (its encoder_bpe_40000.json has 40,478 ids: the paper's 40,000 BPE
+    # merges on 478 base symbols); ours: the learned BPE's 478 base symbols hold the end-of-text
+    # id (gpt/data/tokenizers.py), so the table follows --config.data.bpe_merges: 478 + merges.
+    # max_len 512: paper ("sequences of 512 tokens").
+    m.vocab_size = c.data.get_ref("bpe_merges") + BPE_BASE_SYMBOLS
+    m.max_len = 512
     m.n_layer, m.d_model, m.n_head, m.d_ff = 12, 768, 12, 3072  # paper
     # post-LN, no final LN: the release's block (the paper's figure 1); no scaled init: paper
     # (N(0, 0.02) everywhere, model.init_std).

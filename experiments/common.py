@@ -123,6 +123,17 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def check_vocabulary(tokenizer, config) -> None:
+    """Refuses a tokenizer with ids the model's embedding lacks: jnp.take would read NaN
+    for them, and training, evaluation and sampling would go on with NaN losses."""
+    from gpt.config import ConfigError
+
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ConfigError("model.vocab_size", f"at least data.tokenizer={config.data.tokenizer}'s "
+                          f"{tokenizer.vocab_size} ids (the embedding has a row per id)",
+                          config.model.vocab_size)
+
+
 def kernels(config):
     """(gpt.ops bundle, XLA compiler options) for a run's steps. train.kernels=auto: gpt/cpu's
     kernels, which run where a step is lowered for CPU (XLA's ops elsewhere), and its compiler

@@ -140,6 +140,7 @@ def evaluate(workdir: str):
                          f"benchmarks' files, e.g. {', '.join(zero_shot.FILES.values())}")
     config, model, params = common.load_run(workdir)
     tokenizer = data.get_tokenizer(config.data, common.to_stderr)
+    common.check_vocabulary(tokenizer, config)
     kwargs = dict(context_len=min(config.data.seq_len, model.cfg.max_len),  # positions it trained
                   batch_tokens=_BATCH_TOKENS.value)
     if _SUITE.value:

@@ -72,8 +72,9 @@ def finetune(config, workdir: str) -> dict:
     pretrained = _adopt_pretrained(config) if config.init_from else None
     # [start], [delim], [extract] are new rows after the pre-trained table, however many ids
     # the tokenizer has (a table may be padded beyond them).
-    tok = data.get_tokenizer(config.data, loop.progress()).with_special_tokens(
-        after=config.model.vocab_size)
+    tok = data.get_tokenizer(config.data, loop.progress())
+    common.check_vocabulary(tok, config)  # the pre-trained table has a row for each id
+    tok = tok.with_special_tokens(after=config.model.vocab_size)
     config.model.vocab_size = tok.vocab_size
     config.data.seq_len = min(config.data.seq_len, config.model.max_len)
     num_devices, mesh = loop.num_devices_and_mesh(config)

@@ -42,6 +42,7 @@ def sample(workdir: str) -> None:
     sampling.check_settings(_MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     config, model, params = common.load_run(workdir)
     tokenizer = data.get_tokenizer(config.data, common.to_stderr)
+    common.check_vocabulary(tokenizer, config)
     prompt = tokenizer.encode(_PROMPT.value).tolist() or [tokenizer.eot_id]
     room = model.cfg.max_len - len(prompt)
     if 0 < room < _MAX_NEW.value:

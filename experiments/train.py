@@ -14,7 +14,6 @@ from experiments import common, loop
 from gpt import data
 from gpt.data import corpus
 from gpt.config import validate
-from gpt.config import ConfigError
 from gpt.model import GPT
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
@@ -38,11 +37,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # draws the libraries' bars on a terminal; other hosts keep quiet.
     progress = loop.progress()
     corpus.prepare(config.data, progress)
-    tokenizer = data.get_tokenizer(config.data, progress)
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ConfigError("model.vocab_size",
-                          f"at least the tokenizer's vocabulary ({tokenizer.vocab_size})",
-                          model_cfg.vocab_size)
+    common.check_vocabulary(data.get_tokenizer(config.data, progress), config)
     _resolve_steps(config)
     job = loop.Job(
         model=GPT(model_cfg, common.kernels(config)[0]), seq_len=config.data.seq_len,

@@ -3,6 +3,8 @@
 HF's Conv1D weights are [in, out] like flax Dense kernels, so everything except the
 untied head (an nn.Linear, [out, in]) is a rename. One table, `_TABLE`, names every
 parameter in both worlds; reading and writing both walk it, so they cannot drift apart.
+A `scan_layers` model's blocks (h/block/..., one leading layer axis) are the same table's
+per-layer parameters stacked: both directions go through the per-layer layout.
 The library only needs numpy and safetensors; torch is imported solely to read the
 legacy pickled `pytorch_model.bin` format.
 """
@@ -110,13 +112,43 @@ def architecture(cfg: GPTConfig) -> _Arch:
         "OpenAIGPTLMHeadModel is 'post' without one")
 
 
-@functools.lru_cache(maxsize=8)
-def _mapping(cfg: GPTConfig) -> tuple[tuple[tuple[str, ...], str, bool, tuple[int, ...]], ...]:
-    """_TABLE expanded for cfg: (our path, HF name, transpose, our shape) per parameter."""
-    arch = architecture(cfg)
+@functools.lru_cache(maxsize=16)
+def _shapes(cfg: GPTConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Every parameter's path and shape in GPT(cfg)."""
     abstract = jax.eval_shape(
         lambda: GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    shapes = {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}
+    return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(abstract).items()}
+
+
+def _per_layer(cfg: GPTConfig) -> GPTConfig:
+    return dataclasses.replace(cfg, scan_layers=False)
+
+
+def _stack_layers(cfg: GPTConfig, flat: dict) -> dict:
+    """Per-layer parameters h_{i}/... -> nn.scan's h/block/... with the layer axis first."""
+    stacked = {path: value for path, value in flat.items() if not path[0].startswith("h_")}
+    for path in flat:
+        if path[0] == "h_0":
+            stacked[("h", "block", *path[1:])] = np.stack(
+                [flat[(f"h_{i}", *path[1:])] for i in range(cfg.n_layer)])
+    return stacked
+
+
+def _unstack_layers(cfg: GPTConfig, flat: dict) -> dict:
+    """nn.scan's h/block/... -> per-layer h_{i}/...: the inverse of `_stack_layers`."""
+    per_layer = {path: value for path, value in flat.items() if path[:2] != ("h", "block")}
+    for path, value in flat.items():
+        if path[:2] == ("h", "block"):
+            for i in range(cfg.n_layer):
+                per_layer[(f"h_{i}", *path[2:])] = np.asarray(value[i])
+    return per_layer
+
+
+@functools.lru_cache(maxsize=8)
+def _mapping(cfg: GPTConfig) -> tuple[tuple[tuple[str, ...], str, bool, tuple[int, ...]], ...]:
+    """_TABLE expanded for cfg's per-layer layout: (our path, HF name, transpose, our shape)."""
+    arch = architecture(cfg)
+    shapes = _shapes(_per_layer(cfg))
     rows = []
     for ours, hf, transpose in _TABLE:
         for i in range(cfg.n_layer) if "{i}" in ours else [None]:
@@ -136,7 +168,8 @@ def _canonical(name: str) -> str:
 
 
 def from_state_dict(cfg: GPTConfig, tensors: dict[str, Any], source: str = "state dict") -> dict:
-    """HF-named tensors (a state dict, its gradients, ...) -> our float32 params tree."""
+    """HF-named tensors (a state dict, its gradients, ...) -> our float32 params tree, in
+    cfg's layout (per layer, or stacked for scan_layers)."""
     rows = _mapping(cfg)
     tensors = {_canonical(name): value for name, value in tensors.items()}
     names = {hf for _, hf, _, _ in rows}
@@ -160,18 +193,21 @@ def from_state_dict(cfg: GPTConfig, tensors: dict[str, Any], source: str = "stat
             raise ValueError(f"{source}: {hf} has shape {value.shape}, the config implies "
                              f"{shape} for {'/'.join(path)}")
         flat[path] = value
-    return traverse_util.unflatten_dict(flat)
+    return traverse_util.unflatten_dict(_stack_layers(cfg, flat) if cfg.scan_layers else flat)
 
 
 def to_state_dict(cfg: GPTConfig, params: dict) -> dict[str, np.ndarray]:
-    """Our params tree -> HF-named float32 arrays (without the tied head, as HF saves it)."""
+    """Our params tree (either layout) -> HF-named float32 arrays (without the tied head, as
+    HF saves it)."""
     rows, flat = _mapping(cfg), traverse_util.flatten_dict(params)
-    expected = {path: shape for path, _, _, shape in rows}
+    expected = _shapes(cfg)
     got = {path: tuple(np.shape(value)) for path, value in flat.items()}
     wrong = sorted("/".join(path) for path in expected.keys() | got.keys()
                    if expected.get(path) != got.get(path))
     if wrong:
         raise ValueError(f"params differ from GPT(cfg).init's structure or shapes at {wrong}")
+    if cfg.scan_layers:
+        flat = _unstack_layers(cfg, flat)
     tensors = {}
     for path, hf, transpose, _ in rows:
         value = np.asarray(flat[path], dtype=np.float32)
@@ -179,7 +215,27 @@ def to_state_dict(cfg: GPTConfig, params: dict) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _config_from_hf(hf: dict, source: str) -> GPTConfig:
+def append_rows(cfg: GPTConfig, params: dict, n: int, rng: jax.Array) -> tuple[GPTConfig, dict]:
+    """cfg and params with n more token ids: new embedding rows (and untied head columns)
+    drawn from N(0, init_std), as a fresh model's; the trained ones kept bit for bit."""
+    params = jax.tree.map(np.asarray, params)
+    wte_rng, head_rng = jax.random.split(rng)
+    new = lambda key, shape: np.asarray(  # noqa: E731
+        cfg.init_std * jax.random.normal(key, shape, jnp.float32))
+    params["wte"] = {"embedding": np.concatenate(
+        [params["wte"]["embedding"], new(wte_rng, (n, cfg.d_model))])}
+    if not cfg.tie_embeddings:
+        params["lm_head"] = {"kernel": np.concatenate(
+            [params["lm_head"]["kernel"], new(head_rng, (cfg.d_model, n))], axis=1)}
+    return dataclasses.replace(cfg, vocab_size=cfg.vocab_size + n), params
+
+
+def _config_from_hf(hf: dict, source: str, base: GPTConfig) -> GPTConfig:
+    """base with every field a HF config determines taken from `hf`; the rest (layout,
+    dtypes, remat, attention implementation) stays base's."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source}: expected a JSON object of Hugging Face config keys, "
+                         f"got a JSON {type(hf).__name__}")
     arch = ARCHITECTURES.get(hf.get("model_type"))
     if arch is None:
         raise ValueError(f"{source}: model_type={hf.get('model_type')!r} is not supported; "
@@ -193,7 +249,8 @@ def _config_from_hf(hf: dict, source: str) -> GPTConfig:
         raise ValueError(f"{source}: {arch.act_key}={hf[arch.act_key]!r} is not supported; "
                          f"allowed: {', '.join(arch.activations)}")
     d_ff = hf[arch.d_ff_key] if arch.d_ff_key else None
-    return GPTConfig(
+    return dataclasses.replace(
+        base,
         vocab_size=hf["vocab_size"], max_len=hf["n_positions"], n_layer=hf["n_layer"],
         d_model=hf["n_embd"], n_head=hf["n_head"], d_ff=d_ff or 4 * hf["n_embd"],
         norm_position=arch.norm_position, final_norm=arch.final_norm,
@@ -239,7 +296,10 @@ def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     tensors = {}
     for shard in shards:
         if shard.name.endswith(".safetensors"):
-            tensors.update(safetensors.numpy.load_file(shard))
+            try:
+                tensors.update(safetensors.numpy.load_file(shard))
+            except safetensors.SafetensorError as e:  # truncated, or not safetensors at all
+                raise ValueError(f"{shard}: not a readable safetensors file ({e})") from None
         else:
             import torch  # only the legacy pickle format needs it
             state = torch.load(shard, map_location="cpu", weights_only=True)
@@ -247,15 +307,24 @@ def _read_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def from_hf(path) -> tuple[GPTConfig, dict]:
-    """Read a `save_pretrained` directory of GPT-2 or GPT-1 (openai-gpt) into (config, params)."""
-    path = pathlib.Path(path)
-    config_file = path / "config.json"
+def read_config(path, base: GPTConfig = GPTConfig()) -> GPTConfig:
+    """The GPTConfig of a `save_pretrained` directory: base with the HF config's fields."""
+    config_file = pathlib.Path(path) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found: expected a Hugging Face checkpoint "
                                 f"directory with config.json and one of {', '.join(_WEIGHT_FILES)}")
-    cfg = _config_from_hf(json.loads(config_file.read_text()), str(config_file))
-    return cfg, from_state_dict(cfg, _read_tensors(path), str(path))
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    return _config_from_hf(hf, str(config_file), base)
+
+
+def from_hf(path, base: GPTConfig = GPTConfig()) -> tuple[GPTConfig, dict]:
+    """Read a `save_pretrained` directory of GPT-2 or GPT-1 (openai-gpt) into (config, params);
+    `base` gives what HF does not say (e.g. scan_layers: the params' layout)."""
+    cfg = read_config(path, base)
+    return cfg, from_state_dict(cfg, _read_tensors(pathlib.Path(path)), str(path))
 
 
 def to_hf(cfg: GPTConfig, params: dict, path) -> None:

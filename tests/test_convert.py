@@ -411,3 +411,35 @@ def test_real_checkpoint_perplexity_matches_hf():
     with torch.no_grad():
         hf_loss = model(ids, labels=ids).loss.item()
     _assert_close(np.exp(loss), np.exp(hf_loss), 1e-4, "perplexity")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt1"])
+def test_scanned_layout_both_ways(name, tmp_path):
+    """HF -> a scan_layers model (h/block/... stacked) gives HF's logits; the scanned params
+    go back to HF's state dict unchanged."""
+    model_type, fields, _, length = CASES[name]
+    model = _hf_model(model_type, fields)
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = convert.from_hf(tmp_path / "hf", base=GPTConfig(scan_layers=True))
+    assert cfg.scan_layers and params["h"]["block"]["ln_1"]["scale"].shape == (cfg.n_layer, cfg.d_model)
+    tokens = _tokens(cfg.vocab_size, 2, length)
+    _, ours = _forward(params, cfg, tokens)
+    _assert_close(ours, _hf_logits(model, tokens), LOGITS_RTOL, "scanned logits")
+    convert.to_hf(cfg, params, tmp_path / "out")
+    again = type(model).from_pretrained(tmp_path / "out").state_dict()
+    for hf_name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, again[hf_name]), hf_name
+
+
+def test_unreadable_inputs_name_the_file(tmp_path):
+    _saved(tmp_path)
+    config, weights = tmp_path / "config.json", tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(weights))}: not a readable safetensors"):
+        convert.from_hf(tmp_path)
+    config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(config))}: expected a JSON object.*list"):
+        convert.from_hf(tmp_path)
+    config.write_text('{"model_type": ')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(config))}: not valid JSON"):
+        convert.from_hf(tmp_path)

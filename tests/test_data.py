@@ -1,4 +1,5 @@
 """The data pipeline: corpus split, tokenizers, packing, sharding, resumption."""
+import collections
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import tensorflow_datasets as tfds
 from configs.base import get_base_config
 from gpt import data
 from gpt.data import tokenizers
+from tests.helpers import run
 
 
 @pytest.fixture
@@ -210,6 +212,82 @@ def test_bpe_learns_from_the_first_characters(cfg, monkeypatch):
     whole = data.get_tokenizer(cfg)
     assert "".join(seen[-1]) == "".join(train)
     assert open(os.path.join(cfg.data_dir, "tokenizers", f"{whole.name}.json")).read() != learned
+
+
+def _many_characters_corpus(directory, n_chars=1200, frequent=240):
+    """Text of n_chars distinct CJK characters: the first `frequent` with distinct counts
+    (300, 299, ...), the rest once each, shuffled into words of 1-6 characters, in 8 files."""
+    rng = np.random.default_rng(0)
+    chars = [chr(0x4E00 + k) for k in range(n_chars)]
+    pool = [c for k, c in enumerate(chars) for _ in range(300 - k if k < frequent else 1)]
+    pool = list(rng.permutation(pool))
+    words = []
+    while pool:
+        n = int(rng.integers(1, 7))
+        words.append("".join(pool[:n]))
+        pool = pool[n:]
+    os.makedirs(directory, exist_ok=True)
+    for i, part in enumerate(np.array_split(np.array(words, dtype=object), 8)):
+        with open(os.path.join(directory, f"doc{i}.txt"), "w") as f:  # paragraphs of 40 words
+            f.write("\n\n".join(" ".join(part[j:j + 40]) for j in range(0, len(part), 40)))
+    return chars
+
+
+def test_bpe_has_gpt1s_vocabulary_on_any_corpus(cfg, tmp_path):
+    """478 base symbols (end-of-text, <unk>, the 238 most frequent characters alone and
+    ending a word) + bpe_merges, however many characters the corpus has; rarer ones <unk>."""
+    chars = _many_characters_corpus(tmp_path / "cjk")
+    cfg.name, cfg.tokenizer, cfg.bpe_merges = f"text:{tmp_path / 'cjk'}", "bpe", 60
+    counts = collections.Counter("".join("".join(data.documents(cfg, "train")).split()))
+    assert len(counts) > 1000
+    ranked = sorted(counts, key=lambda c: (-counts[c], c))  # ties: the lower code point first
+    tok = data.get_tokenizer(cfg)
+    assert tok.vocab_size == 478 + 60 and tok.eot_id < tok.vocab_size
+    learned = json.load(open(os.path.join(cfg.data_dir, "tokenizers", f"{tok.name}.json")))
+    vocab = learned["model"]["vocab"]
+    assert len(vocab) == tok.vocab_size and len(learned["model"]["merges"]) == 60
+    assert {c for c in ranked[:238]} | {c + "</w>" for c in ranked[:238]} <= set(vocab)
+    unk = vocab["<unk>"]
+    for rare in ranked[238:248]:
+        assert tok.encode(rare).tolist() == [unk]
+    assert tok.encode(ranked[0]).tolist() == [vocab[ranked[0] + "</w>"]]
+    assert set(chars) >= set(counts)
+
+
+def test_bpe_short_of_merges_warns_and_names_what_it_learned(cfg, tmp_path, monkeypatch):
+    os.makedirs(tmp_path / "small")
+    (tmp_path / "small" / "a.txt").write_text(
+        "\n\n".join("abc abd abe! bcd bce " * 5 + "x" * i for i in range(1, 21)))
+    cfg.name, cfg.tokenizer, cfg.bpe_merges = f"text:{tmp_path / 'small'}", "bpe", 5000
+    said = []
+    tok = data.get_tokenizer(cfg, progress=said.append)
+    file = os.path.join(cfg.data_dir, "tokenizers", f"{tok.name}.json")
+    merges = json.load(open(file))["model"]["merges"]
+    assert 0 < len(merges) < 5000 and f"-bpe{len(merges)}-" in tok.name
+    assert said[-1] == (f"warning: text:{tmp_path / 'small'}'s train text supports only "
+                        f"{len(merges)} merges, a vocabulary of {tok.vocab_size} ids, not the "
+                        f"5,478 of data.bpe_merges=5,000; learned into {file}")
+    asked = os.path.join(cfg.data_dir, "tokenizers", tok.name.replace(f"-bpe{len(merges)}-", "-bpe5000-") + ".json")
+    assert os.path.realpath(asked) == file
+    monkeypatch.setattr(tokenizers, "_train_bpe", None)  # the next run reads the file, and says so
+    said.clear()
+    again = data.get_tokenizer(cfg, progress=said.append)
+    assert (again.name, again.vocab_size) == (tok.name, tok.vocab_size) and said[0].startswith("warning:")
+
+
+def test_gpt1_config_trains_on_many_characters_with_its_vocabulary(tmp_path):
+    _many_characters_corpus(tmp_path / "cjk")
+    workdir = tmp_path / "run"
+    result = run("experiments.train", "--config=configs/gpt1.py", f"--workdir={workdir}",
+                 f"--config.data.name=text:{tmp_path / 'cjk'}", f"--config.data.data_dir={tmp_path / 'data'}",
+                 "--config.data.bpe_merges=60", "--config.model.n_layer=1", "--config.model.d_model=32",
+                 "--config.model.n_head=2", "--config.model.d_ff=128", "--config.model.max_len=16",
+                 "--config.data.seq_len=16", "--config.data.batch_size=4", "--config.train.epochs=0",
+                 "--config.train.steps=2", "--config.train.eval_steps=1", "--config.train.peak_flops=1e9")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.load(open(workdir / "config.json"))["model"]["vocab_size"] == 478 + 60
+    wte = 538 * 32
+    assert f"{wte + 16 * 32 + 12 * 32 * 32 + 9 * 32 + 4 * 32:,} parameters" in result.stdout
 
 
 @pytest.mark.parametrize("tokenizer", ["bytes", "gpt2", "bpe"])

@@ -1,5 +1,11 @@
 """Tokenizers behind one interface: raw bytes, GPT-2's byte-level BPE, and a GPT-1-style BPE.
 
+The GPT-1-style BPE has GPT-1's vocabulary on any corpus: BPE_BASE_SYMBOLS = 478 base symbols
+(<|endoftext|>, <unk>, and the 238 most frequent characters, each alone and ending a word,
+"c</w>") plus `data.bpe_merges` merges: 40,478 ids for configs/gpt1.py, the end-of-text id
+among them, so the embedding has GPT-1's 40,478 rows. Rarer characters become <unk>. A corpus
+with fewer than 238 characters has fewer base symbols and learns as many more merges.
+
 Every tokenizer maps text to int32 ids and back and has an end-of-text id that
 the pipeline appends after each document. `encode` treats text as text: a
 literal "<|endoftext|>" in a document is never turned into the end-of-text id,
@@ -14,6 +20,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -28,6 +35,8 @@ from gpt.config import ConfigError
 
 TOKENIZERS = ("bytes", "gpt2", "bpe")
 HF_PREFIX = "hf:"  # data.tokenizer = hf:DIR, a Hugging Face checkpoint's tokenizer.json
+HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                      "special_tokens_map.json")
 EOT = "<|endoftext|>"
 BYTES_EOT_ID = 256  # the first id after the 256 byte values
 
@@ -38,8 +47,10 @@ GPT2_FILES = {
 }
 # GPT-2's pre-tokenizer: contractions, letter runs, digit runs, other symbols, whitespace.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-BPE_ALPHABET = 1000  # most frequent characters kept as symbols; rarer ones become <unk>
 BPE_UNK = "<unk>"
+BPE_SPECIALS = (EOT, BPE_UNK)
+BPE_BASE_SYMBOLS = 478  # GPT-1's: the specials, then each kept character alone and with "</w>"
+BPE_ALPHABET = (BPE_BASE_SYMBOLS - len(BPE_SPECIALS)) // 2  # 238 most frequent characters
 # GPT-1's fine-tuning inputs: [start] text [delim] text [extract]; the classifier reads [extract].
 FINETUNE_TOKENS = ("<start>", "<delim>", "<extract>")
 
@@ -192,8 +203,9 @@ def _bpe_alphabet(texts: Iterable[str], normalizer) -> list[str]:
 
 
 def _train_bpe(texts: Iterable[str], merges: int, progress: bool = False) -> hf_tokenizers.Tokenizer:
-    """Learns `merges` merges on `texts` (read twice: a list or a dataset, not a generator),
-    as GPT-1 learned 40,000 on BooksCorpus; `progress` shows Hugging Face's progress bars.
+    """Learns a vocabulary of BPE_BASE_SYMBOLS + `merges` ids on `texts` (read twice: a list
+    or a dataset, not a generator), as GPT-1 learned 40,000 merges on BooksCorpus, fewer when
+    the text runs out of pairs; `progress` shows Hugging Face's progress bars.
 
     The symbols before any merge are GPT-1's: each character of the alphabet alone
     and with "</w>". Hugging Face's trainer numbers the "</w>" forms in hash order
@@ -205,12 +217,12 @@ def _train_bpe(texts: Iterable[str], merges: int, progress: bool = False) -> hf_
     alphabet = _bpe_alphabet(texts, tok.normalizer)
     word_ends = [c + "</w>" for c in alphabet]
     trainer = hf_tokenizers.trainers.BpeTrainer(
-        vocab_size=2 + 2 * len(alphabet) + merges, special_tokens=[EOT, BPE_UNK, *word_ends],
+        vocab_size=BPE_BASE_SYMBOLS + merges, special_tokens=[*BPE_SPECIALS, *word_ends],
         initial_alphabet=alphabet, limit_alphabet=len(alphabet), end_of_word_suffix="</w>",
         show_progress=progress)
     tok.train_from_iterator(iter(texts), trainer)
     learned = json.loads(tok.to_str())
-    learned["added_tokens"] = [t for t in learned["added_tokens"] if t["content"] in (EOT, BPE_UNK)]
+    learned["added_tokens"] = [t for t in learned["added_tokens"] if t["content"] in BPE_SPECIALS]
     return hf_tokenizers.Tokenizer.from_str(json.dumps(learned))
 
 
@@ -234,37 +246,59 @@ class _FirstChars:
                 return
 
 
-def bpe_tokenizer(data_cfg: ml_collections.ConfigDict,
-                  progress: corpus.Progress | None = None) -> Tokenizer:
-    """A GPT-1-style BPE learned on the first `data.bpe_train_chars` characters of the train
-    split of `data.name` (0: all of it), cached under data_dir by a name that holds the cap.
-    With `progress`, the caller hears one line before learning (bars: `corpus.show_bars`)."""
+def _bpe_file(data_cfg: ml_collections.ConfigDict, merges: int) -> str:
+    """Where the BPE of `merges` merges learned on data.name's train split is cached."""
     train_chars = data_cfg.get("bpe_train_chars", 0)  # configs saved before the key learned on all
     if train_chars < 0:
         raise ConfigError("data.bpe_train_chars", "a non-negative number of characters (0: all)",
                           train_chars)
-    name = f"{corpus.corpus_id(data_cfg)}-bpe{data_cfg.bpe_merges}" + (
-        f"-{train_chars}chars" if train_chars else "")
-    path = os.path.join(corpus.data_dir(data_cfg), "tokenizers", f"{name}.json")
-    if os.path.exists(path):
-        tok = hf_tokenizers.Tokenizer.from_file(path)
-    else:
+    name = f"{corpus.corpus_id(data_cfg)}-bpe{merges}" + (f"-{train_chars}chars" if train_chars else "")
+    return os.path.join(corpus.data_dir(data_cfg), "tokenizers", f"{name}.json")
+
+
+def _merges(tok: hf_tokenizers.Tokenizer) -> int:
+    return len(json.loads(tok.to_str())["model"]["merges"])
+
+
+def bpe_tokenizer(data_cfg: ml_collections.ConfigDict,
+                  progress: corpus.Progress | None = None) -> Tokenizer:
+    """A GPT-1-style BPE learned on the first `data.bpe_train_chars` characters of the train
+    split of `data.name` (0: all of it), cached under data_dir by a name that holds the cap.
+    With `progress`, the caller hears one line before learning (bars: `corpus.show_bars`) and
+    a `warning:` line when the text ran out of pairs before BPE_BASE_SYMBOLS + data.bpe_merges
+    ids: that vocabulary's file is named by the merges it has, and the asked-for name links
+    to it."""
+    path = _bpe_file(data_cfg, data_cfg.bpe_merges)
+    size = BPE_BASE_SYMBOLS + data_cfg.bpe_merges
+    if not os.path.exists(path):
         if progress:
-            what = f"the first {train_chars:,} characters" if train_chars else "all"
+            chars = data_cfg.get("bpe_train_chars", 0)
+            what = f"the first {chars:,} characters" if chars else "all"
             progress(f"learning {data_cfg.bpe_merges:,} BPE merges from {what} of {data_cfg.name} "
                      f"train into {path} (once: later runs reuse it)")
-        tok = _train_bpe(_FirstChars(corpus.documents(data_cfg, "train"), train_chars),
-                         data_cfg.bpe_merges, corpus.show_bars(progress))
+        learned = _train_bpe(_FirstChars(corpus.documents(data_cfg, "train"),
+                                         data_cfg.get("bpe_train_chars", 0)),
+                             data_cfg.bpe_merges, corpus.show_bars(progress))
+        file = path if learned.get_vocab_size() == size else _bpe_file(data_cfg, _merges(learned))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # Write then rename, so concurrent hosts or a crash never leave half a file.
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
         os.close(fd)
-        tok.save(tmp)
-        os.replace(tmp, path)
+        learned.save(tmp)
+        os.replace(tmp, file)
+        if file != path:
+            os.symlink(os.path.basename(file), tmp)
+            os.replace(tmp, path)
+    file = os.path.realpath(path)
+    tok = hf_tokenizers.Tokenizer.from_file(file)
+    if tok.get_vocab_size() < size and progress:
+        progress(f"warning: {data_cfg.name}'s train text supports only {_merges(tok):,} merges, "
+                 f"a vocabulary of {tok.get_vocab_size():,} ids, not the {size:,} of "
+                 f"data.bpe_merges={data_cfg.bpe_merges:,}; learned into {file}")
     tok.encode_special_tokens = True  # a literal "<|endoftext|>" in text is text
     return Tokenizer(
-        name=name, vocab_size=tok.get_vocab_size(), eot_id=tok.token_to_id(EOT),
-        encode_fn=lambda text: tok.encode(text).ids,
+        name=os.path.basename(file).removesuffix(".json"), vocab_size=tok.get_vocab_size(),
+        eot_id=tok.token_to_id(EOT), encode_fn=lambda text: tok.encode(text).ids,
         decode_fn=lambda ids: tok.decode(ids, skip_special_tokens=False))
 
 
@@ -281,3 +315,38 @@ def get_tokenizer(data_cfg: ml_collections.ConfigDict,
         return hf_tokenizer(data_cfg.tokenizer[len(HF_PREFIX):])
     raise ConfigError("data.tokenizer", "one of " + ", ".join(TOKENIZERS) + f" or {HF_PREFIX}DIR "
                       "(a Hugging Face checkpoint's tokenizer.json)", data_cfg.tokenizer)
+
+
+def save_hf(data_cfg: ml_collections.ConfigDict, directory: str) -> str:
+    """Writes the tokenizer `data.tokenizer` names into a Hugging Face checkpoint directory,
+    in HF's format where HF has one; returns what it wrote, in words.
+
+    gpt2: OpenAI's files under HF's names (vocab.json, merges.txt: GPT2TokenizerFast).
+    bpe: its tokenizer.json, which PreTrainedTokenizerFast loads (tokenizer_config.json says so).
+    hf:DIR: DIR's tokenizer files as they are. bytes: nothing (HF has no such tokenizer).
+    """
+    kind = data_cfg.tokenizer
+    get_tokenizer(data_cfg)  # a known kind whose files exist; a BPE not cached is learned
+    if kind == "bytes":
+        return ("tokenizer: none written (bytes: ids 0-255 are UTF-8 bytes, "
+                f"{BYTES_EOT_ID} is end-of-text; Hugging Face has no such tokenizer)")
+    if kind == "gpt2":
+        copies = {"vocab.json": _gpt2_file("encoder.json"), "merges.txt": _gpt2_file("vocab.bpe")}
+        config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024,
+                  **dict.fromkeys(("bos_token", "eos_token", "unk_token"), EOT)}
+    elif kind == "bpe":
+        copies = {"tokenizer.json": os.path.realpath(_bpe_file(data_cfg, data_cfg.bpe_merges))}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT,
+                  "unk_token": BPE_UNK}
+    else:  # hf:DIR
+        source = kind[len(HF_PREFIX):]
+        copies = {name: os.path.join(source, name) for name in HF_TOKENIZER_FILES
+                  if os.path.isfile(os.path.join(source, name))}
+        config = None
+    for name, source in copies.items():
+        shutil.copyfile(source, os.path.join(directory, name))
+    if config is not None:
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        copies["tokenizer_config.json"] = ""
+    return f"tokenizer ({kind}): " + ", ".join(sorted(copies))
