@@ -7,7 +7,7 @@ fine-tuning code, openai/finetune-transformer-lm: its model code and train.py's 
 the pre-training code was never released) or "ours" (in neither).
 """
 from configs.base import get_base_config
-from gpt.data.tokenizers import BPE_BASE_SYMBOLS
+from gpt.config import BPE_BASE_SYMBOLS
 
 
 def get_config(arg: str = ""):

@@ -11,6 +11,7 @@ from typing import Any
 
 SCHEDULES = ("cosine", "linear", "constant", "warmup_linear")
 PARALLELISMS = ("jit", "pmap", "mesh")
+BPE_BASE_SYMBOLS = 478  # GPT-1's learned BPE: base symbols before its merges (gpt/data/tokenizers.py)
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")  # gelu_tanh: both papers' GELU
 DTYPES = ("float32", "bfloat16", "float16")

@@ -31,7 +31,7 @@ import tiktoken.load
 import tokenizers as hf_tokenizers
 
 from gpt.data import corpus
-from gpt.config import ConfigError
+from gpt.config import BPE_BASE_SYMBOLS, ConfigError  # the specials, then each kept character alone and with "</w>"
 
 TOKENIZERS = ("bytes", "gpt2", "bpe")
 HF_PREFIX = "hf:"  # data.tokenizer = hf:DIR, a Hugging Face checkpoint's tokenizer.json
@@ -49,7 +49,6 @@ GPT2_FILES = {
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 BPE_UNK = "<unk>"
 BPE_SPECIALS = (EOT, BPE_UNK)
-BPE_BASE_SYMBOLS = 478  # GPT-1's: the specials, then each kept character alone and with "</w>"
 BPE_ALPHABET = (BPE_BASE_SYMBOLS - len(BPE_SPECIALS)) // 2  # 238 most frequent characters
 # GPT-1's fine-tuning inputs: [start] text [delim] text [extract]; the classifier reads [extract].
 FINETUNE_TOKENS = ("<start>", "<delim>", "<extract>")
