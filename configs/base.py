@@ -41,7 +41,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 1
     c.train.log_every = 50
     c.train.eval_every = 500
-    c.train.eval_steps = 20
+    c.train.eval_steps = 20  # eval batches of data.batch_size rows (fewer if validation is short)
+    c.train.eval_batch_size = 0  # rows per device the eval step takes at a time; 0 = the train
+    # step's micro-batch, data.batch_size // (devices x train.grad_accum_steps)
     c.train.ckpt_every = 1000
     c.train.keep_ckpts = 3
     c.train.keep_best = True  # also keep the checkpoint with the lowest eval loss
