@@ -57,3 +57,22 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.process_id = 0
     c.train.peak_flops = 0.0  # per device, for MFU; 0 = measure a matmul at start-up
     return c
+
+
+# Devices each accelerator preset is sized for: one GPU; a TPU v4 host's 4 chips.
+PRESET_DEVICES = {"gpu": 1, "tpu": 4}
+
+
+def on_accelerator(c: ml_collections.ConfigDict, platform: str, rows_per_device: int):
+    """`c` as it trains on `platform`: bfloat16 compute (parameters, LayerNorm statistics,
+    softmax and the loss stay float32), the same global batch in micro-batches of
+    `rows_per_device` per device, and no attention dropout, as nanoGPT pre-trains: the
+    fused attention kernels have none (GPT-1 used 0.1; residual and embedding dropout stay).
+    Sizes in docs/scaling.md; on another device count set train.grad_accum_steps to
+    data.batch_size / (devices x rows_per_device)."""
+    c.model.dtype = "bfloat16"
+    c.model.attn_pdrop = 0.0
+    devices = PRESET_DEVICES[platform]
+    c.train.grad_accum_steps = c.data.batch_size // (devices * rows_per_device)
+    c.train.parallelism = "mesh" if devices > 1 else "jit"  # FSDP over the host's chips
+    return c
