@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import gpt2
-from gpt.configuration import eval_micro_batch, model_config, validate
+from gpt.config import eval_micro_batch, model_config, validate
 from gpt.finetune.model import GPTClassifier, make_evaluate
 from gpt.model import GPT
 from gpt.optim import make_optimizer

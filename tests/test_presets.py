@@ -3,7 +3,7 @@ import pytest
 
 from configs import base, gpt1, gpt2
 from gpt import flops
-from gpt.configuration import eval_micro_batch, validate
+from gpt.config import eval_micro_batch, validate
 
 GiB = 2**30
 # (config module, arg, as published, device memory): an 80 GB GPU; a TPU v4 chip's 32 GiB.
