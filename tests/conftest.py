@@ -18,3 +18,20 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 def data_dir(tmp_path_factory):
     """A data_dir per test module: its prepared corpus (and learned BPE) shared by its tests."""
     return str(tmp_path_factory.mktemp("data"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs jax on an NVIDIA GPU (tools/gpu_check.sh runs them); "
+                                       "deselected where jax's default backend is not 'gpu'")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects (does not skip) the cuda tests off a GPU: a CPU run lists them as deselected."""
+    cuda = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda:
+        return
+    import jax  # only now: JAX_PLATFORMS above must be set first
+
+    if jax.default_backend() != "gpu":
+        config.hook.pytest_deselected(items=cuda)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
