@@ -33,7 +33,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import common
-from gpt import sweeps
+from gpt import data, sweeps
+from gpt.data import corpus
 from gpt.config import resume_changes, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file[:arg] (configs/sweeps/).")
@@ -217,6 +218,13 @@ def run_sweep(plans, workdir: str, parallel: int = 1, on_run_end=lambda: None) -
         else:
             todo.append((head, run, args, config, status))
     free = device_shares(parallel) if parallel > 1 else [None]
+    if parallel > 1:  # once, here: runs started together would each prepare the same data_dir
+        prepared = []
+        for *_, config, _ in todo:
+            if config.data.to_dict() not in prepared:
+                corpus.prepare(config.data, print)
+                data.get_tokenizer(config.data, print)
+                prepared.append(config.data.to_dict())
     running, crashed, terminated = {}, [], False
 
     def forward(signum, frame):

@@ -276,30 +276,26 @@ def test_device_shares_split_the_gpus_without_overlap():
     assert "--parallel=5 is not allowed: at most the 4 GPUs of this host" in result.stderr
 
 
-def test_parallel_runs_go_side_by_side_on_disjoint_devices_with_sequential_results(tmp_path):
-    spec = tmp_path / "two.py"
-    short = tuple((k, {"train.steps": 10, "train.ckpt_every": 10}.get(k, v)) for k, v in TINY)
-    spec.write_text(
-        "import ml_collections\n\n\ndef get_config():\n"
-        "    c = ml_collections.ConfigDict()\n    c.base = 'configs/gpt2.py:tiny'\n"
-        f"    c.overrides = {(('data.data_dir', str(tmp_path / 'data')),) + short!r}\n"
-        "    c.product = (('model.norm_position', ('pre', 'post')),)\n    return c\n")
-    one_at_a_time = run("experiments.sweep", f"--config={spec}", f"--workdir={tmp_path / 'seq'}")
-    assert one_at_a_time.returncode == 0, one_at_a_time.stderr[-3000:]
-    side_by_side = run("experiments.sweep", f"--config={spec}", f"--workdir={tmp_path / 'par'}",
-                       "--parallel=2", xla_flags="--xla_force_host_platform_device_count=4")
+def test_parallel_runs_go_side_by_side_on_disjoint_devices_with_sequential_results(swept, tmp_path):
+    """The swept fixture's two lr=0.001 runs again, side by side on 2 CPU devices each, from a
+    fresh data_dir (the sweep prepares it once, before both start)."""
+    workdir, _, _, _ = swept
+    spec = tmp_path / "again.py"
+    write_sweep(spec, (("data.data_dir", str(tmp_path / "data")),) + TINY)
+    side_by_side = run("experiments.sweep", f"--config={spec}", f"--workdir={tmp_path / 'w'}",
+                       r"--only=^lr=0\.001,", "--parallel=2", xla_flags="--xla_force_host_platform_device_count=4")
     assert side_by_side.returncode == 0, side_by_side.stderr[-3000:]
     out = side_by_side.stdout
     starts = [line for line in out.splitlines() if ": starting on " in line]
     assert len(starts) == 2 and out.index(starts[1]) < out.index(": done"), out  # both before either ends
     cpus = [set(line.split(" on CPUs ")[1].split(" (")[0].split(",")) for line in starts]
     assert not cpus[0] & cpus[1] and all("(2 host devices)" in line for line in starts)
-    for name in ("norm_position=pre", "norm_position=post"):
+    for name in NAMES[:2]:
         records = {}
-        for mode in ("seq", "par"):
-            with open(tmp_path / mode / name / "metrics.jsonl") as f:
-                records[mode] = [{k: v for k, v in json.loads(line).items() if "loss" in k} for line in f]
-        assert records["par"] == records["seq"], name
-        assert "final eval loss" in (tmp_path / "par" / name / "train.log").read_text()
-    with open(tmp_path / "par" / "report.csv") as f:
-        assert len(list(csv.DictReader(f))) == 2
+        for where in (workdir, tmp_path / "w"):
+            with open(os.path.join(where, name, "metrics.jsonl")) as f:
+                records[where] = [{k: v for k, v in json.loads(line).items() if "loss" in k} for line in f]
+        assert records[tmp_path / "w"] == records[workdir], name
+        assert "final eval loss" in (tmp_path / "w" / name / "train.log").read_text()
+    with open(tmp_path / "w" / "report.csv") as f:
+        assert [row["run"] for row in csv.DictReader(f)] == NAMES[:2]
