@@ -20,6 +20,13 @@ def data_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture(params=["xla", "cpu"])
+def ops(request):
+    """The model's compute: gpt.ops' reference (what GPUs and TPUs run) and gpt/cpu's kernels."""
+    from gpt import cpu, ops
+    return ops.REFERENCE if request.param == "xla" else cpu.ops()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs jax on an NVIDIA GPU (tools/gpu_check.sh runs them); "
                                        "deselected where jax's default backend is not 'gpu'")

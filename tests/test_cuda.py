@@ -1,5 +1,6 @@
-"""On an NVIDIA GPU (tools/gpu_check.sh): the train step agrees with the CPU's, and the presets'
-steps fit in the memory the configs were sized for, as XLA's GPU compiler assigns it."""
+"""On an NVIDIA GPU (tools/gpu_check.sh): the train step agrees with the CPU's, `auto` attention is
+cuDNN's, and the presets' steps fit in the memory they were sized for, as XLA's GPU compiler
+assigns it."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,8 @@ from configs import gpt2
 from gpt.config import eval_micro_batch, model_config
 from gpt.model import GPT
 from gpt.optim import make_optimizer
-from gpt.train_step import create_state, make_steps
+from gpt.parallel import make_steps
+from gpt.train_step import create_state
 from tests.helpers import batches, max_relative_error, model_and_state, tiny_config
 
 pytestmark = pytest.mark.cuda
@@ -45,3 +47,16 @@ def test_gpt2_small_gpu_preset_fits_80gb_and_eval_fits_in_train():
           f"{evaluate.temp_size_in_bytes / 2**30:.1f} GiB")
     assert used < 0.8 * 80e9
     assert evaluate.temp_size_in_bytes <= train.temp_size_in_bytes
+
+
+def test_auto_attention_is_cudnn_on_the_gpu_and_agrees_with_xla():
+    losses = {}
+    for attention in ("auto", "xla"):
+        config = tiny_config(**{"model.dtype": "bfloat16", "model.attention": attention,
+                                "model.d_model": 64, "model.d_ff": 256})
+        model, schedule, state = model_and_state(config)
+        batch = batches(config, 1)[0]
+        compiled = make_steps(model, schedule, "jit").train.lower(state, batch).compile()
+        assert ("__cudnn$fmha" in compiled.as_text()) == (attention == "auto"), attention
+        losses[attention] = float(compiled(state, batch)[1]["loss"])
+    np.testing.assert_allclose(losses["auto"], losses["xla"], rtol=2e-2)

@@ -9,7 +9,8 @@ from gpt.config import eval_micro_batch, model_config, validate
 from gpt.finetune.model import GPTClassifier, make_evaluate
 from gpt.model import GPT
 from gpt.optim import make_optimizer
-from gpt.train_step import create_state, make_steps
+from gpt.parallel import make_steps
+from gpt.train_step import create_state
 from tests.helpers import batches, model_and_state, tiny_config
 
 

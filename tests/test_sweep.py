@@ -262,7 +262,6 @@ def test_a_bad_run_config_stops_the_sweep_before_any_run(tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
-
 def test_device_shares_split_the_gpus_without_overlap():
     """In a subprocess: experiments.sweep defines absl flags that other programs' modules define too."""
     split = ("import json; from experiments.sweep import device_shares; "
@@ -299,3 +298,19 @@ def test_parallel_runs_go_side_by_side_on_disjoint_devices_with_sequential_resul
         assert "final eval loss" in (tmp_path / "w" / name / "train.log").read_text()
     with open(tmp_path / "w" / "report.csv") as f:
         assert [row["run"] for row in csv.DictReader(f)] == NAMES[:2]
+
+
+@pytest.mark.parametrize("arg", ["", "tiny"])
+def test_norm_placement_runs_differ_only_in_where_layernorm_sits(arg):
+    """An ablation of one thing: each post-LN run's pre-LN partner differs only in the norm's
+    place and the final LN it needs; everything else (GPT-2's init and optimiser) is shared."""
+    from configs.sweeps import norm_placement
+
+    runs = sweeps.expand(norm_placement.get_config(arg))
+    post = [r for r in runs if ("model.norm_position", "post") in r.varied]
+    pre = [r for r in runs if ("model.norm_position", "pre") in r.varied]
+    assert len(post) == len(pre) == 4
+    for a, b in zip(post, pre):
+        assert {key for key, _ in set(a.overrides) ^ set(b.overrides)} == {"model.norm_position", "model.final_norm"}
+    assert not any(key.startswith("optim.b") or key == "model.scale_residual_init"
+                   for run in runs for key, _ in run.overrides)
