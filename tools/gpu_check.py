@@ -38,7 +38,8 @@ def rows(results: dict) -> list[tuple[str, dict]]:
     """(name, train figures) of ours under each attention, then of each peer."""
     out = [(f"ours, attention={attention}", r["train"]) for attention, r in results.items()]
     first = next(iter(results.values()))
-    out += [(name, r["train"]) for name, r in first.get("peers", {}).items()]
+    out += [(f"{name} on {r['train'].get('device', 'cpu')}", r["train"])
+            for name, r in first.get("peers", {}).items()]
     return out
 
 
@@ -55,6 +56,10 @@ def summary(results: dict) -> str:
                      f"{r['peak_memory_mb'] / 1024:>10.1f} GiB{compile_s}"
                      f"  ({r.get('memory_source', 'peak memory')})")
     compiled = first.get("peers", {}).get("hf-torch-compile", {}).get("train")
+    ours_on = "cuda" if first["machine"]["platform"] == "gpu" else "cpu"
+    if compiled and compiled.get("device", "cpu") != ours_on:  # a peer without a GPU path
+        lines.append(f"the compiled peer ran on {compiled.get('device', 'cpu')}, ours on {ours_on}: no ratio")
+        compiled = None
     for attention, r in results.items():
         mfu = r["train"]["mfu"]
         line = (f"attention={attention}: MFU {mfu:.1%} (target {TARGET_MFU:.0%}: "
