@@ -167,6 +167,7 @@ def eval_micro_batch(config, num_devices: int) -> int:
 RESUME_SAFE = (
     "train.steps", "train.epochs", "train.log_every", "train.eval_every", "train.eval_steps",
     "train.eval_batch_size", "train.ckpt_every", "train.keep_ckpts", "train.keep_best", "train.peak_flops",
+    "train.wandb",
     "train.parallelism", "train.mesh.data", "train.mesh.fsdp", "train.grad_accum_steps",
     "train.skip_nonfinite", "train.poison_step", "train.distributed", "train.num_processes",
     "train.process_id", "train.kernels",
