@@ -8,10 +8,14 @@ DEMO_DIR ?= runs/demo
 # is faulted in again (docs/performance.md). Opt in for your own runs the same way.
 HUGE_PAGES := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
-.PHONY: setup setup-dev demo test bench bench-gpu lint clean sweep
+.PHONY: setup setup-dev setup-gpu setup-tpu demo test bench bench-gpu lint clean sweep
 
 setup: $(VENV)/.runtime
 setup-dev: $(VENV)/.dev
+# jax's CUDA 12 plugin (with the CUDA and cuDNN libraries as wheels) or libtpu, at the CPU jax's
+# version, on top of the runtime requirements.
+setup-gpu: $(VENV)/.gpu
+setup-tpu: $(VENV)/.tpu
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +25,10 @@ $(VENV)/.runtime: requirements.txt
 
 $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.gpu $(VENV)/.tpu: $(VENV)/.%: requirements-%.txt $(VENV)/.runtime
+	$(PY) -m pip install -q -r $<
 	touch $@
 
 # Trains GPT-1 tiny (post-LN, bytes) on CPython's documentation text, then prints the result,
@@ -68,9 +76,12 @@ bench: setup-dev
 	$(HUGE_PAGES) $(PY) -m experiments.bench $(BENCH_SMALL) --peer --compile_peer --warmup=1 --repeats=3 --rounds=3 $(BENCH_FLAGS)
 	$(HUGE_PAGES) $(PY) -m experiments.bench $(BENCH_TINY) --what=train --peer --compile_peer --warmup=2 --repeats=5 --rounds=3 $(BENCH_FLAGS)
 
-# The same shapes on a GPU in bf16 (needs jax[cuda12]==0.10.2 in $(VENV)); no peer.
-bench-gpu: setup
-	PY=$(PY) tools/bench_gpu.sh
+# GPT-2 small in bf16 at seq 1024 on one GPU: the train step with cuDNN and with XLA attention
+# beside the Hugging Face PyTorch peer, eager and compiled (tools/gpu_check.py); JSON and a table
+# in bench_results/gpu_check-*/. tools/gpu_check.sh adds the cuda-marked tests.
+BENCH_GPU_FLAGS ?=
+bench-gpu: setup-gpu setup-dev
+	JAX_PLATFORMS=cuda,cpu $(PY) tools/gpu_check.py $(BENCH_GPU_FLAGS)
 
 lint: setup-dev
 	$(VENV)/bin/ruff check gpt experiments configs tests tools

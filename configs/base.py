@@ -42,7 +42,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.grad_accum_steps = 1
     c.train.log_every = 50  # train metrics are means over the steps since the last log
     c.train.eval_every = 500  # and at the last step (the only evaluation if it exceeds steps)
-    c.train.eval_steps = 20
+    c.train.eval_steps = 20  # eval batches of data.batch_size rows (fewer if validation is short)
+    c.train.eval_batch_size = 0  # rows per device the eval step takes at a time; 0 = the train
+    # step's micro-batch, data.batch_size // (devices x train.grad_accum_steps)
     c.train.ckpt_every = 1000
     c.train.keep_ckpts = 3
     c.train.keep_best = True  # also keep the checkpoint with the lowest eval loss
@@ -57,4 +59,23 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.process_id = 0
     c.train.peak_flops = 0.0  # per device, for MFU; 0 = the datasheet's (known GPUs and TPUs), else measured
     c.train.wandb = ""  # also log to this Weights & Biases project; "" = off (needs: pip install wandb)
+    return c
+
+
+# Devices each accelerator preset is sized for: one GPU; a TPU v4 host's 4 chips.
+PRESET_DEVICES = {"gpu": 1, "tpu": 4}
+
+
+def on_accelerator(c: ml_collections.ConfigDict, platform: str, rows_per_device: int):
+    """`c` as it trains on `platform`: bfloat16 compute (parameters, LayerNorm statistics,
+    softmax and the loss stay float32), the same global batch in micro-batches of
+    `rows_per_device` per device, and no attention dropout, as nanoGPT pre-trains: the
+    fused attention kernels have none (GPT-1 used 0.1; residual and embedding dropout stay).
+    Sizes in docs/scaling.md; on another device count set train.grad_accum_steps to
+    data.batch_size / (devices x rows_per_device)."""
+    c.model.dtype = "bfloat16"
+    c.model.attn_pdrop = 0.0
+    devices = PRESET_DEVICES[platform]
+    c.train.grad_accum_steps = c.data.batch_size // (devices * rows_per_device)
+    c.train.parallelism = "mesh" if devices > 1 else "jit"  # FSDP over the host's chips
     return c

@@ -1,4 +1,5 @@
-"""GPT-1 (Radford et al., 2018) as published; `:tiny` trains on 2 CPU cores in about a minute.
+"""GPT-1 (Radford et al., 2018) as published; `:tiny` trains on 2 CPU cores in about a minute;
+`:gpu` (one 80 GB GPU) and `:tpu` (one TPU v4 host, 4 chips) train it on accelerators.
 
 python -m experiments.train --config=configs/gpt1.py[:tiny] --workdir=DIR
 
@@ -6,11 +7,15 @@ Each value's source is marked: "paper" (section 4.1 of the paper), "release" (Op
 fine-tuning code, openai/finetune-transformer-lm: its model code and train.py's defaults;
 the pre-training code was never released) or "ours" (in neither).
 """
-from configs.base import get_base_config
+from configs.base import get_base_config, on_accelerator
 from gpt.config import BPE_BASE_SYMBOLS
+
+ACCELERATORS = {"gpu": ("gpu", 64), "tpu": ("tpu", 16)}  # platform, rows per device
 
 
 def get_config(arg: str = ""):
+    if arg in ACCELERATORS:
+        return on_accelerator(get_config(""), *ACCELERATORS[arg])
     c = get_base_config()
     m = c.model
     # vocab_size: release (its encoder_bpe_40000.json has 40,478 ids: the paper's 40,000 BPE
@@ -48,5 +53,6 @@ def get_config(arg: str = ""):
         c.train.epochs, c.train.steps = 0.0, 300
         c.train.log_every, c.train.eval_every, c.train.ckpt_every = 25, 100, 300
     elif arg:
-        raise ValueError(f"configs/gpt1.py: unknown arg {arg!r}; allowed: '' (as published), tiny")
+        raise ValueError(f"configs/gpt1.py: unknown arg {arg!r}; allowed: '' (as published), tiny, "
+                         f"{', '.join(ACCELERATORS)}")
     return c

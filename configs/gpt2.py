@@ -1,9 +1,10 @@
-"""GPT-2 (Radford et al., 2019): small | medium | large | xl, and `tiny` for CPU.
+"""GPT-2 (Radford et al., 2019): small | medium | large | xl, `tiny` for CPU, and GPT-2 small on
+accelerators: `small-gpu` (one 80 GB GPU) and `small-tpu` (one TPU v4 host, 4 chips).
 
 The paper gives no optimiser settings; these are nanoGPT's, which reproduce GPT-2 small.
 python -m experiments.train --config=configs/gpt2.py:small --workdir=DIR
 """
-from configs.base import get_base_config
+from configs.base import get_base_config, on_accelerator
 
 SIZES = {  # n_layer, d_model, n_head
     "small": (12, 768, 12),
@@ -14,9 +15,15 @@ SIZES = {  # n_layer, d_model, n_head
 }
 
 
+ACCELERATORS = {"small-gpu": ("gpu", 16), "small-tpu": ("tpu", 8)}  # platform, rows per device
+
+
 def get_config(arg: str = "small"):
+    if arg in ACCELERATORS:
+        return on_accelerator(get_config("small"), *ACCELERATORS[arg])
     if arg not in SIZES:
-        raise ValueError(f"configs/gpt2.py: unknown size {arg!r}; allowed: {', '.join(SIZES)}")
+        raise ValueError(f"configs/gpt2.py: unknown size {arg!r}; allowed: "
+                         f"{', '.join([*SIZES, *ACCELERATORS])}")
     c = get_base_config()
     m = c.model
     m.n_layer, m.d_model, m.n_head = SIZES[arg]

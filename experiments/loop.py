@@ -22,7 +22,7 @@ from tqdm import tqdm
 from experiments import common
 from gpt import flops
 from gpt.checkpoint import Checkpointer
-from gpt.config import ConfigError, resume_changes
+from gpt.config import ConfigError, eval_micro_batch, resume_changes
 from gpt.optim import make_optimizer
 from gpt.parallel import make_mesh, make_steps
 from gpt.train_step import Evaluate, Loss, create_state, lm_evaluate, lm_loss
@@ -190,9 +190,11 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
     model_cfg = job.model.cfg
     tx, schedule = make_optimizer(config.optim, total_steps, job.model.ops)
     compiler_options = common.kernels(config)[1]
+    eval_rows = len(jax.tree_util.tree_leaves(job.eval_batches[0])[0]) * jax.process_count()
     steps = make_steps(job.model, schedule, config.train.parallelism, config.train.grad_accum_steps,
                        loss=job.loss, evaluate=job.evaluate,
                        skip_nonfinite=config.train.skip_nonfinite, poison_step=config.train.poison_step,
+                       eval_micro_batches=eval_rows // (num_devices * eval_micro_batch(config, num_devices)),
                        mesh=mesh, compiler_options=compiler_options)
     state = create_state(job.model, tx, config.train.seed, job.seq_len, steps.shardings)
     if job.initial_params is not None:

@@ -13,7 +13,7 @@ from ml_collections import config_flags
 from experiments import common, loop
 from gpt import data
 from gpt.data import corpus
-from gpt.config import validate
+from gpt.config import eval_micro_batch, validate
 from gpt.model import GPT
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
@@ -43,8 +43,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
         model=GPT(model_cfg, common.kernels(config)[0]), seq_len=config.data.seq_len,
         tokens_per_step=config.data.batch_size * config.data.seq_len,
         train_iter=data.make_train_iterator(config.data, seed=config.train.seed, **loop.this_host()),
-        eval_batches=data.make_eval_batches(config.data, num_batches=config.train.eval_steps,
-                                            **loop.this_host()))
+        eval_batches=data.make_eval_batches(
+            config.data, num_batches=config.train.eval_steps,
+            micro_batch_rows=eval_micro_batch(config, num_devices) * num_devices, **loop.this_host()))
     return loop.run(config, workdir, job, num_devices, mesh)
 
 

@@ -146,14 +146,29 @@ def validate(config, num_devices: int = 1) -> GPTConfig:
             "data.batch_size",
             f"a multiple of devices ({num_devices}) x train.grad_accum_steps "
             f"({config.train.grad_accum_steps}) = {per_step}", config.data.batch_size)
+    eval_batch_size = config.train.eval_batch_size
+    per_device = config.data.batch_size // num_devices
+    if (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 0
+            or (eval_batch_size and per_device % eval_batch_size)):
+        raise ConfigError("train.eval_batch_size",
+                          f"0 (the train step's micro-batch) or a divisor of data.batch_size / devices "
+                          f"= {per_device}", eval_batch_size)
     return cfg
+
+
+def eval_micro_batch(config, num_devices: int) -> int:
+    """Rows per device that one pass of the eval step takes: train.eval_batch_size, or by
+    default the train step's micro-batch, so that evaluation fits wherever training does."""
+    return config.train.eval_batch_size or (
+        config.data.batch_size // (num_devices * config.train.grad_accum_steps))
 
 
 # Keys a resumed run may change: they alter neither the shapes of the saved state nor the
 # data order. Everything else must match the checkpoint's config.
 RESUME_SAFE = (
     "train.steps", "train.epochs", "train.log_every", "train.eval_every", "train.eval_steps",
-    "train.ckpt_every", "train.keep_ckpts", "train.keep_best", "train.peak_flops", "train.wandb",
+    "train.eval_batch_size", "train.ckpt_every", "train.keep_ckpts", "train.keep_best", "train.peak_flops",
+    "train.wandb",
     "train.parallelism", "train.mesh.data", "train.mesh.fsdp", "train.grad_accum_steps",
     "train.skip_nonfinite", "train.poison_step", "train.distributed", "train.num_processes",
     "train.process_id", "train.kernels",

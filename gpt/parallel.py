@@ -92,7 +92,7 @@ def _mesh_steps(step, evaluate, mesh: jax.sharding.Mesh, options: dict) -> Steps
 
 def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int = 1, *,
                loss: Loss = lm_loss, evaluate: Evaluate = lm_evaluate,
-               skip_nonfinite: bool = False, poison_step: int = 0,
+               skip_nonfinite: bool = False, poison_step: int = 0, eval_micro_batches: int = 1,
                mesh: jax.sharding.Mesh | None = None, compiler_options: dict | None = None) -> Steps:
     """The train and eval steps for `parallelism`. jit and mesh compile them with XLA's
     `compiler_options` (pmap takes none). The model's ops must run on every device of a mesh
@@ -101,7 +101,7 @@ def make_steps(model: GPT, schedule, parallelism: str = "jit", accum_steps: int 
     step = functools.partial(train_step, schedule=schedule, loss=loss, accum_steps=accum_steps,
                              dropout=model.uses_dropout, skip_nonfinite=skip_nonfinite,
                              poison_step=poison_step)
-    evaluate_step = functools.partial(eval_step, evaluate=evaluate)
+    evaluate_step = functools.partial(eval_step, evaluate=evaluate, micro_batches=eval_micro_batches)
     if parallelism == "jit":
         return Steps(train=jax.jit(step, donate_argnums=0, compiler_options=options),
                      eval=jax.jit(evaluate_step, compiler_options=options),

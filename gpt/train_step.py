@@ -97,11 +97,20 @@ def train_step(state: TrainState, batch, *, schedule, loss: Loss = lm_loss, accu
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch, *, evaluate: Evaluate = lm_evaluate,
+def eval_step(state: TrainState, batch, *, evaluate: Evaluate = lm_evaluate, micro_batches: int = 1,
               axis_name: str | None = None):
-    """Scalars are averaged across devices; per-example arrays stay per device (the pmap
+    """`evaluate` over `micro_batches` equal slices of the batch in turn, so that evaluation
+    needs no more memory than a train step's micro-batch. Scalars are averaged over the
+    slices and across devices (equal-sized parts: a mean over tokens stays exact, sums keep
+    their ratios); per-example arrays come back in the batch's order, per device (the pmap
     wrapper puts the devices' rows back together)."""
-    out = evaluate(state.params, state.apply_fn, batch)
+    if micro_batches == 1:
+        out = evaluate(state.params, state.apply_fn, batch)
+    else:
+        micro = jax.tree_util.tree_map(
+            lambda x: x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:]), batch)
+        stacked = jax.lax.map(lambda mb: evaluate(state.params, state.apply_fn, mb), micro)
+        out = {k: v.mean(0) if v.ndim == 1 else v.reshape(-1, *v.shape[2:]) for k, v in stacked.items()}
     if axis_name is not None:
         out = {k: jax.lax.pmean(v, axis_name) if v.ndim == 0 else v for k, v in out.items()}
     return out

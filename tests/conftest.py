@@ -25,3 +25,20 @@ def ops(request):
     """The model's compute: gpt.ops' reference (what GPUs and TPUs run) and gpt/cpu's kernels."""
     from gpt import cpu, ops
     return ops.REFERENCE if request.param == "xla" else cpu.ops()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs jax on an NVIDIA GPU (tools/gpu_check.sh runs them); "
+                                       "deselected where jax's default backend is not 'gpu'")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects (does not skip) the cuda tests off a GPU: a CPU run lists them as deselected."""
+    cuda = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda:
+        return
+    import jax  # only now: JAX_PLATFORMS above must be set first
+
+    if jax.default_backend() != "gpu":
+        config.hook.pytest_deselected(items=cuda)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]

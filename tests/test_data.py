@@ -401,9 +401,18 @@ def test_eval_returns_what_there_is(cfg):
     everything = data.make_eval_batches(cfg, num_batches=10**6)
     windows = len(everything) * cfg.batch_size
     assert windows == data.count_tokens(cfg, "validation") // (cfg.seq_len + 1) // 4 * 4
-    cfg.seq_len = 10**5
-    with pytest.raises(ValueError, match="data.seq_len=100000 is not allowed: .*data.batch_size=4"):
-        data.make_eval_batches(cfg, num_batches=1)
+    # Less than one global batch: the one batch is every window, cut to whole eval micro-batches.
+    cfg.seq_len = data.count_tokens(cfg, "validation") // 10 - 1  # 10 windows
+    first_rows = np.concatenate([b["inputs"] for b in data.make_eval_batches(cfg, num_batches=2)])
+    cfg.batch_size = 64
+    (short,) = data.make_eval_batches(cfg, num_batches=3, micro_batch_rows=4)
+    np.testing.assert_array_equal(short["inputs"], first_rows)
+    halves = [data.make_eval_batches(cfg, num_batches=3, micro_batch_rows=4, process_index=i, process_count=2)
+              for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h[0]["inputs"] for h in halves]), first_rows)
+    with pytest.raises(ValueError, match=r"data.name='pydoc' is not allowed: .* at least 16 windows of "
+                                         rf"data.seq_len \+ 1 = {cfg.seq_len + 1} tokens"):
+        data.make_eval_batches(cfg, num_batches=1, micro_batch_rows=16)
 
 
 def test_token_counts_and_unigram_entropy(cfg):

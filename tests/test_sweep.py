@@ -5,12 +5,15 @@ import json
 import math
 import os
 import shlex
+import subprocess
+import sys
 
 import ml_collections
 import pytest
 
+from configs.sweeps import gpt1_vs_gpt2
 from gpt import sweeps
-from tests.helpers import run
+from tests.helpers import ROOT, run
 
 TINY = (("train.steps", 20), ("model.n_layer", 1), ("model.d_model", 32), ("model.d_ff", 64),
         ("model.max_len", 32), ("data.seq_len", 32), ("data.batch_size", 8), ("train.log_every", 5),
@@ -104,7 +107,30 @@ def test_shipped_sweeps_are_valid(tmp_path, spec, n):
     assert result.returncode == 0, result.stderr
     commands = result.stdout.splitlines()
     assert len(commands) == n and all(c.startswith("python -m experiments.train ") for c in commands)
-    assert not os.listdir(tmp_path)
+    assert os.listdir(tmp_path) == ["launch"]  # the launch scripts, no run
+
+
+def test_dry_run_launch_scripts_split_the_runs_across_hosts(tmp_path):
+    spec = "configs/sweeps/gpt1_vs_gpt2.py:tiny"
+    result = run("experiments.sweep", f"--config={spec}", f"--workdir={tmp_path}", "--dry_run", "--hosts=4",
+                 "--parallel=2")
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.splitlines()
+    launch = tmp_path / "launch"
+    assert sorted(os.listdir(launch)) == [f"host_{i}.sh" for i in range(4)] + ["slurm_array.sh"]
+    names = [shlex.split(c)[4].removeprefix(f"--workdir={tmp_path}/") for c in commands]
+    runs = sweeps.expand(gpt1_vs_gpt2.get_config("tiny"))
+    chosen = []
+    for i in range(4):
+        sweep_line = (launch / f"host_{i}.sh").read_text().splitlines()[-1]
+        args = shlex.split(sweep_line)
+        assert args[:3] == ["python", "-m", "experiments.sweep"] and "--parallel=2" in args
+        only = next(a.removeprefix("--only=") for a in args if a.startswith("--only="))
+        chosen += [r.name for r in sweeps.select(runs, only)]
+    assert sorted(chosen) == sorted(names)  # every run on exactly one host
+    slurm = (launch / "slurm_array.sh").read_text()
+    assert f"#SBATCH --array=0-{len(commands) - 1}" in slurm
+    assert [shlex.split(line)[0] for line in slurm.splitlines() if line.startswith("  ")] == commands
 
 
 def write_sweep(path, overrides):
@@ -235,6 +261,43 @@ def test_a_bad_run_config_stops_the_sweep_before_any_run(tmp_path):
     assert lines[0].startswith("error: run norm_position=middle: model.norm_position")
     assert not os.path.exists(tmp_path / "w")
 
+
+def test_device_shares_split_the_gpus_without_overlap():
+    """In a subprocess: experiments.sweep defines absl flags that other programs' modules define too."""
+    split = ("import json; from experiments.sweep import device_shares; "
+             "print(json.dumps([s.env['CUDA_VISIBLE_DEVICES'] for s in device_shares({}, {})]))")
+    env = {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    result = subprocess.run([sys.executable, "-c", split.format(2, env)], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert json.loads(result.stdout) == ["0,1", "2,3"], result.stderr
+    result = subprocess.run([sys.executable, "-c", split.format(5, env)], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert "--parallel=5 is not allowed: at most the 4 GPUs of this host" in result.stderr
+
+
+def test_parallel_runs_go_side_by_side_on_disjoint_devices_with_sequential_results(swept, tmp_path):
+    """The swept fixture's two lr=0.001 runs again, side by side on 2 CPU devices each, from a
+    fresh data_dir (the sweep prepares it once, before both start)."""
+    workdir, _, _, _ = swept
+    spec = tmp_path / "again.py"
+    write_sweep(spec, (("data.data_dir", str(tmp_path / "data")),) + TINY)
+    side_by_side = run("experiments.sweep", f"--config={spec}", f"--workdir={tmp_path / 'w'}",
+                       r"--only=^lr=0\.001,", "--parallel=2", xla_flags="--xla_force_host_platform_device_count=4")
+    assert side_by_side.returncode == 0, side_by_side.stderr[-3000:]
+    out = side_by_side.stdout
+    starts = [line for line in out.splitlines() if ": starting on " in line]
+    assert len(starts) == 2 and out.index(starts[1]) < out.index(": done"), out  # both before either ends
+    cpus = [set(line.split(" on CPUs ")[1].split(" (")[0].split(",")) for line in starts]
+    assert not cpus[0] & cpus[1] and all("(2 host devices)" in line for line in starts)
+    for name in NAMES[:2]:
+        records = {}
+        for where in (workdir, tmp_path / "w"):
+            with open(os.path.join(where, name, "metrics.jsonl")) as f:
+                records[where] = [{k: v for k, v in json.loads(line).items() if "loss" in k} for line in f]
+        assert records[tmp_path / "w"] == records[workdir], name
+        assert "final eval loss" in (tmp_path / "w" / name / "train.log").read_text()
+    with open(tmp_path / "w" / "report.csv") as f:
+        assert [row["run"] for row in csv.DictReader(f)] == NAMES[:2]
 
 
 @pytest.mark.parametrize("arg", ["", "tiny"])

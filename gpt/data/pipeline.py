@@ -110,30 +110,35 @@ def _close_at_exit(iterator: grain.DatasetIterator) -> None:
     weakref.finalize(iterator, lambda: alive() is not None and alive().close())
 
 
-def make_eval_batches(data_cfg: ml_collections.ConfigDict, *, num_batches: int,
+def make_eval_batches(data_cfg: ml_collections.ConfigDict, *, num_batches: int, micro_batch_rows: int = 1,
                       process_index: int = 0, process_count: int = 1) -> list[Batch]:
     """This host's part of the first `num_batches` global batches of validation, unshuffled.
 
     Every host packs the same global batches and keeps its own rows, so all
     hosts run the same number of eval steps and the evaluated tokens do not
-    depend on the number of hosts. Fewer batches come back if validation is short.
+    depend on the number of hosts. Fewer batches come back if validation is short;
+    if it holds less than one global batch, the one batch is all its windows cut to a
+    multiple of `micro_batch_rows` (what the eval step takes at a time over all devices,
+    a multiple of the process count): every batch has the same rows, so the mean of the
+    batches' mean losses is the mean over tokens.
     """
-    batch_size = _local_batch_size(data_cfg, process_count)
     tok = get_tokenizer(data_cfg)
     docs = _one_by_one(_tokenized(data_cfg, "validation", tok))
-    global_batches = _windows(docs, data_cfg.seq_len).batch(
-        data_cfg.batch_size, drop_remainder=True)
-    rows = slice(process_index * batch_size, (process_index + 1) * batch_size)
-    batches = [{k: v[rows] for k, v in b.items()}
-               for b in itertools.islice(global_batches, num_batches)]
-    if not batches:
+    global_batches = list(itertools.islice(_windows(docs, data_cfg.seq_len).batch(data_cfg.batch_size),
+                                           num_batches))
+    if len(global_batches) > 1 and len(global_batches[-1]["inputs"]) < data_cfg.batch_size:
+        global_batches.pop()  # a short last batch would weigh its tokens more
+    windows = len(global_batches[0]["inputs"]) if global_batches else 0
+    rows = windows // micro_batch_rows * micro_batch_rows
+    if rows == 0:
         raise ConfigError(
-            "data.seq_len",
-            f"short enough for data.batch_size={data_cfg.batch_size} windows of seq_len + 1 "
-            f"tokens in the validation split of {data_cfg.name} "
-            f"({count_tokens(data_cfg, 'validation')} tokens under {tok.name})",
-            data_cfg.seq_len)
-    return batches
+            "data.name",
+            f"a corpus whose validation split holds at least {micro_batch_rows} windows of "
+            f"data.seq_len + 1 = {data_cfg.seq_len + 1} tokens (one eval micro-batch over all devices); "
+            f"it has {count_tokens(data_cfg, 'validation'):,} tokens under {tok.name}", data_cfg.name)
+    local = rows // process_count
+    mine = slice(process_index * local, (process_index + 1) * local)
+    return [{k: v[mine] for k, v in b.items()} for b in global_batches]
 
 
 def _token_counts(data_cfg: ml_collections.ConfigDict, split: str) -> np.ndarray:
