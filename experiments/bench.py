@@ -178,7 +178,8 @@ def run_peer(config, what: str, compile_: bool, warmup: int, repeats: int,
         f"--batch={config.data.batch_size}", f"--prompt={prompt_len}", f"--new={new_tokens}",
         f"--warmup={warmup}", f"--repeats={repeats}", f"--threads={threads}", f"--lr={o.lr}",
         f"--b1={o.b1}", f"--b2={o.b2}", f"--eps={o.eps}", f"--weight_decay={o.weight_decay}",
-        f"--grad_clip={o.grad_clip}"] + (["--compile"] if compile_ else [])
+        f"--grad_clip={o.grad_clip}", f"--dtype={'bfloat16' if m.dtype == 'bfloat16' else 'float32'}",
+        f"--device={'cuda' if jax.default_backend() == 'gpu' else 'cpu'}"] + (["--compile"] if compile_ else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
     if proc.returncode:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
