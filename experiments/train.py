@@ -48,7 +48,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         tokens_per_step=config.data.batch_size * config.data.seq_len,
         train_iter=data.make_train_iterator(config.data, seed=config.train.seed, **loop.this_host()),
         eval_batches=data.make_eval_batches(config.data, num_batches=config.train.eval_steps,
-                                            **loop.this_host()))
+                                            **loop.this_host()),
+        corpus=corpus.corpus_id(config.data))
     return loop.run(config, workdir, job, num_devices, mesh)
 
 

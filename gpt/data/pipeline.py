@@ -7,6 +7,9 @@ on into the next window and several short ones share one.
 from __future__ import annotations
 
 import itertools
+import os
+import threading
+import time
 import weakref
 
 import grain
@@ -75,7 +78,22 @@ def _tokenizing_workers(docs: grain.IterDataset, num_workers: int) -> grain.Iter
         # outside an absl program (a test, a notebook): google/grain#1355.
         flags.FLAGS.mark_as_parsed()
     return docs.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=WORKER_BUFFER))
+        num_workers=num_workers, per_worker_buffer_size=WORKER_BUFFER),
+        worker_init_fn=_exit_with_parent)
+
+
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Ends a tokenizing worker within a second of its parent's death, however it died
+    (kill -9 included): grain's workers would otherwise outlive it by minutes."""
+    del worker_index, worker_count
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, seed: int,
