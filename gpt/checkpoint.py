@@ -197,7 +197,11 @@ class Checkpointer:
         return target
 
     def close(self) -> None:
+        """Waits for the last save to commit (SaveFailed if it could not) and stops orbax."""
         try:
             self.finish()
-        finally:
-            self.manager.close()
+        except SaveFailed:
+            with contextlib.suppress(Exception):  # orbax raises the same failure again
+                self.manager.close()
+            raise
+        self.manager.close()

@@ -6,6 +6,7 @@ on into the next window and several short ones share one.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import threading
@@ -79,14 +80,15 @@ def _tokenizing_workers(docs: grain.IterDataset, num_workers: int) -> grain.Iter
         flags.FLAGS.mark_as_parsed()
     return docs.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=WORKER_BUFFER),
-        worker_init_fn=_exit_with_parent)
+        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
 
 
-def _exit_with_parent(worker_index: int, worker_count: int) -> None:
-    """Ends a tokenizing worker within a second of its parent's death, however it died
-    (kill -9 included): grain's workers would otherwise outlive it by minutes."""
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+    """Ends a tokenizing worker within a second of the death of `parent`, the process that
+    started it, however it died (kill -9 included): grain's workers would otherwise outlive
+    it by minutes. The parent's pid comes from the parent, since a worker still starting up
+    when its parent dies would read its new parent's pid (1) from os.getppid()."""
     del worker_index, worker_count
-    parent = os.getppid()
 
     def watch():
         while os.getppid() == parent:
