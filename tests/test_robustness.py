@@ -268,12 +268,13 @@ time.sleep(600)
 """
 
 
-def test_a_second_run_on_a_workdir_is_refused_and_a_dead_holder_leaves_no_lock(tmp_path):
+def test_a_second_run_on_a_workdir_is_refused_and_a_dead_holder_leaves_no_lock(tmp_path, data_dir):
     holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path)], cwd=ROOT,
                               stdout=subprocess.PIPE, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     try:
         assert holder.stdout.readline() == "locked\n"
-        second = run("experiments.train", "--config=configs/gpt2.py:tiny", f"--workdir={tmp_path}")
+        second = run("experiments.train", "--config=configs/gpt2.py:tiny", f"--workdir={tmp_path}",
+                     f"--config.data.data_dir={data_dir}", "--config.train.steps=1")
     finally:
         holder.kill()
         holder.wait()
