@@ -3,7 +3,7 @@ import dataclasses
 
 import ml_collections
 
-from gpt.model import GPTConfig
+from gpt.config import GPTConfig
 
 
 def get_base_config() -> ml_collections.ConfigDict:

@@ -31,7 +31,7 @@ from ml_collections import config_flags
 
 from experiments import common
 from gpt import data, flops
-from gpt.configuration import validate
+from gpt.config import validate
 from gpt.model import GPT
 from gpt.optim import make_optimizer
 from gpt.train_step import create_state, make_steps

@@ -130,7 +130,7 @@ def load_run(workdir: str, step: int | None = None):
     import ml_collections
 
     from gpt.checkpoint import Checkpointer, Unreadable
-    from gpt.configuration import model_config
+    from gpt.config import model_config
     from gpt.model import GPT
     from gpt.optim import make_optimizer
     from gpt.train_step import create_state

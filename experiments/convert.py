@@ -19,7 +19,7 @@ from ml_collections import config_flags
 from experiments import common
 from gpt import convert, data
 from gpt.checkpoint import Checkpointer
-from gpt.configuration import model_config, validate
+from gpt.config import model_config, validate
 from gpt.model import GPT
 from gpt.optim import make_optimizer
 from gpt.train_step import create_state

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from experiments import common, loop
 from gpt import data
-from gpt.configuration import validate
+from gpt.config import validate
 from gpt.finetune import pipeline, tasks
 from gpt.finetune.metrics import task_metrics
 from gpt.finetune.model import GPTClassifier, load_pretrained, make_evaluate, make_loss

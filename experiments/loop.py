@@ -23,8 +23,8 @@ from tqdm import tqdm
 from experiments import common
 from gpt import flops
 from gpt.checkpoint import Checkpointer
-from gpt.configuration import resume_changes
-from gpt.model import ConfigError
+from gpt.config import resume_changes
+from gpt.config import ConfigError
 from gpt.optim import make_optimizer
 from gpt.train_step import Evaluate, Loss, create_state, lm_evaluate, lm_loss, make_mesh, make_steps
 

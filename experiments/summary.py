@@ -9,7 +9,7 @@ from ml_collections import config_flags
 
 from experiments import common
 from gpt import flops
-from gpt.configuration import validate
+from gpt.config import validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _DEVICES = flags.DEFINE_integer("devices", 0, "Devices to plan memory for (0: this machine's); "

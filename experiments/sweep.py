@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from experiments import common
 from gpt import sweeps
-from gpt.configuration import resume_changes, validate
+from gpt.config import resume_changes, validate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Sweep config file[:arg] (configs/sweeps/).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for the runs (one per subdirectory) and the report.")

@@ -13,8 +13,9 @@ from ml_collections import config_flags
 from experiments import common, loop
 from gpt import data
 from gpt.data import corpus
-from gpt.configuration import validate
-from gpt.model import GPT, ConfigError
+from gpt.config import validate
+from gpt.config import ConfigError
+from gpt.model import GPT
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for config, logs and checkpoints.")

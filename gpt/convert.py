@@ -21,7 +21,8 @@ import numpy as np
 import safetensors.numpy
 from flax import traverse_util
 
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,8 @@ import numpy as np
 
 from gpt import matmul
 from gpt.compiler import default_compiler_options
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 
 
 def param_shapes(cfg: GPTConfig):

@@ -18,7 +18,7 @@ import optax
 
 from gpt import cpu_kernels
 
-SCHEDULES = ("cosine", "linear", "constant")
+
 _VARIABLE = "GPT_JAX_FUSED_ADAMW"
 
 

@@ -22,7 +22,7 @@ import re
 import statistics
 
 from gpt import flops
-from gpt.model import GPTConfig
+from gpt.config import GPTConfig
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._,=+-]")  # what a directory name may hold, everywhere
 

@@ -19,10 +19,11 @@ from flax.training import train_state
 
 from gpt import cpu_kernels
 from gpt.compiler import default_compiler_options
+from gpt.config import PARALLELISMS
 from gpt.model import GPT
 from gpt.optim import Optimizer
 
-PARALLELISMS = ("jit", "pmap", "mesh")
+
 AXIS = "batch"
 MESH_AXES = ("data", "fsdp")
 MIN_SHARDED_SIZE = 1024  # smaller leaves (biases, gains, the RNG key, counters) stay replicated

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from configs import gpt2
-from gpt.configuration import model_config
+from gpt.config import model_config
 from gpt.model import GPT
 from gpt.optim import make_optimizer
 from gpt.train_step import create_state

@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from gpt.configuration import model_config  # noqa: E402
+from gpt.config import model_config  # noqa: E402
 from gpt.train_step import create_state, make_mesh, make_steps  # noqa: E402
 from tests.helpers import batches, max_relative_error, model_and_state, tiny_config  # noqa: E402
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from gpt.attention import causal_self_attention
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from tests.helpers import max_relative_error
 
 

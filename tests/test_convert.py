@@ -23,7 +23,8 @@ from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, OpenAIGPTC
                           OpenAIGPTLMHeadModel)
 
 from gpt import convert
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 
 torch.set_default_dtype(torch.float32)
 

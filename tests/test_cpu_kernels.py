@@ -7,7 +7,8 @@ import jax
 import numpy as np
 
 from gpt import cpu_kernels
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from tests.helpers import ROOT
 
 
@@ -22,7 +23,7 @@ def test_without_a_compiler_the_model_runs_on_xlas_ops(tmp_path):
     code = ("import jax, numpy as np, optax\n"
             "from gpt import cpu_kernels\n"
             "from gpt.cross_entropy import softmax_cross_entropy\n"
-            "from gpt.model import GPT, GPTConfig\n"
+            "from gpt.config import GPTConfig\nfrom gpt.model import GPT\n"
             "from gpt.optim import make_optimizer\n"
             "from configs.gpt2 import get_config\n"
             "x = jax.random.normal(jax.random.key(0), (3, 9)); y = np.array([0, 4, 8])\n"

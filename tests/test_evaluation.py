@@ -11,7 +11,8 @@ import pytest
 
 from gpt import evaluation
 from gpt.data import tokenizers
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from tests.helpers import start
 
 TINY = GPTConfig(vocab_size=257, max_len=16, n_layer=2, d_model=32, n_head=4, d_ff=64,

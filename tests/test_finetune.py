@@ -14,7 +14,8 @@ from gpt.data.tokenizers import bytes_tokenizer
 from gpt.finetune import metrics, pipeline, tasks
 from gpt.finetune.model import GPTClassifier, load_pretrained, make_loss
 from gpt.finetune.transforms import Example, sequences, to_arrays
-from gpt.model import GPT, ConfigError, GPTConfig
+from gpt.config import ConfigError, GPTConfig
+from gpt.model import GPT
 from tests.helpers import run
 
 TOK = bytes_tokenizer().with_special_tokens()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from gpt import matmul
-from gpt.model import GPT, GPTConfig
+from gpt.config import GPTConfig
+from gpt.model import GPT
 from tests.helpers import ROOT, max_relative_error
 
 
@@ -107,7 +108,7 @@ def test_xlas_dots_where_the_kernel_does_not_apply():
 def test_without_mkl_the_model_uses_xlas_dots():
     code = ("import jax, numpy as np\n"
             "from gpt import matmul\n"
-            "from gpt.model import GPT, GPTConfig\n"
+            "from gpt.config import GPTConfig\nfrom gpt.model import GPT\n"
             "matmul._mkl_library = lambda: None\n"
             "assert not matmul.loaded()\n"
             "model = GPT(GPTConfig(vocab_size=50, max_len=8, n_layer=1, d_model=32, n_head=2, d_ff=64))\n"

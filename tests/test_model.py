@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from configs import gpt1, gpt2
-from gpt.configuration import model_config
+from gpt.config import model_config
 from gpt.flops import count_params, param_shapes
-from gpt.model import GPT, Block, ConfigError, GPTConfig
+from gpt.config import ConfigError, GPTConfig
+from gpt.model import GPT, Block
 
 TINY = GPTConfig(vocab_size=97, max_len=16, n_layer=2, d_model=32, n_head=4, d_ff=64,
                  embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)

@@ -20,8 +20,7 @@ import pytest
 from experiments import common, loop
 from gpt import sampling
 from gpt.checkpoint import CHECKSUMS, Checkpointer, NoReadableCheckpoint, SaveFailed
-from gpt.configuration import validate
-from gpt.model import ConfigError
+from gpt.config import ConfigError, validate
 from tests.helpers import ROOT, batches, model_and_state, run, tiny_config
 
 

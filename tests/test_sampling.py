@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from gpt import sampling
-from gpt.model import GPT, GPTConfig, init_cache
+from gpt.config import GPTConfig
+from gpt.model import GPT, init_cache
 from tests.helpers import max_relative_error
 
 TINY = GPTConfig(vocab_size=97, max_len=32, n_layer=2, d_model=32, n_head=4, d_ff=64,

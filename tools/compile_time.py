@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from gpt.configuration import validate  # noqa: E402
+from gpt.config import validate  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.optim import make_optimizer  # noqa: E402
 from gpt.train_step import create_state, make_steps  # noqa: E402

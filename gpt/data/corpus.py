@@ -28,7 +28,7 @@ import ml_collections
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils import tqdm_utils
 
-from gpt.model import ConfigError
+from gpt.config import ConfigError
 
 SPLITS = ("train", "validation")
 VALIDATION_START = 0.9  # validation is what follows the first paragraph break past here

@@ -20,7 +20,7 @@ from absl import flags
 
 from gpt.data import corpus
 from gpt.data.tokenizers import Tokenizer, get_tokenizer
-from gpt.model import ConfigError
+from gpt.config import ConfigError
 
 Batch = dict[str, np.ndarray]  # {"inputs": int32[B, T], "targets": int32[B, T]}
 WORKER_BUFFER = 16  # documents each tokenizing worker keeps ready

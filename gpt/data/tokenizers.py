@@ -24,7 +24,7 @@ import tiktoken.load
 import tokenizers as hf_tokenizers
 
 from gpt.data import corpus
-from gpt.model import ConfigError
+from gpt.config import ConfigError
 
 TOKENIZERS = ("bytes", "gpt2", "bpe")
 HF_PREFIX = "hf:"  # data.tokenizer = hf:DIR, a Hugging Face checkpoint's tokenizer.json

@@ -18,7 +18,7 @@ import ml_collections
 from gpt.data import corpus
 from gpt.finetune.metrics import METRICS, REGRESSION_METRICS
 from gpt.finetune.transforms import FORMATS, Example
-from gpt.model import ConfigError
+from gpt.config import ConfigError
 
 JSONL_PREFIX = "jsonl:"
 

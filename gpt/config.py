@@ -1,11 +1,100 @@
-"""Checks a run's config before anything is compiled, so a mistake costs one line, not a traceback."""
+"""The ground floor: a run's configuration, its validation and ConfigError.
+
+A config is checked before anything is compiled, so a mistake costs one line, not a traceback.
+Nothing here imports the model, the data or the training code: they all import this.
+"""
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
-from gpt.model import ConfigError, GPTConfig
-from gpt.optim import SCHEDULES
-from gpt.train_step import PARALLELISMS
+SCHEDULES = ("cosine", "linear", "constant")
+PARALLELISMS = ("jit", "pmap", "mesh")
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu")  # gelu_tanh: both papers' GELU
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots")  # what the backward pass keeps: everything | each
+# block's input | matmul outputs
+ATTENTIONS = ("xla", "dot_product")  # einsum + softmax (on CPU gpt/attention.py's kernel where it
+# applies) | jax.nn.dot_product_attention (cuDNN on GPU)
+
+
+class ConfigError(ValueError):
+    """A configuration value outside what is allowed; the message names the key."""
+
+    def __init__(self, key: str, allowed: str, got: Any):
+        super().__init__(f"{key}={got!r} is not allowed: {allowed}")
+        self.key = key
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """Architecture of one model; defaults are GPT-2 small."""
+
+    vocab_size: int = 50257
+    max_len: int = 1024
+    n_layer: int = 12
+    d_model: int = 768
+    n_head: int = 12
+    d_ff: int = 3072
+    norm_position: str = "pre"  # "post": GPT-1's LN(x + f(x)); "pre": GPT-2's x + f(LN(x))
+    final_norm: bool = True  # GPT-2's ln_f after the last block
+    embd_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    scale_residual_init: bool = True  # GPT-2: residual projections get std / sqrt(2 * n_layer)
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots: trade recomputation for activation memory
+    scan_layers: bool = False  # nn.scan over the blocks: compile time independent of depth
+    attention: str = "xla"  # xla | dot_product
+    attention_block: int = 128  # xla, causal: queries in blocks of this many; 0 = one block
+
+    def __post_init__(self):
+        for key in ("vocab_size", "max_len", "n_layer", "d_model", "n_head", "d_ff"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"model.{key}", "a positive integer", value)
+        if self.norm_position not in NORM_POSITIONS:
+            raise ConfigError("model.norm_position", "one of pre, post", self.norm_position)
+        if self.d_model % self.n_head:
+            raise ConfigError(
+                "model.n_head", f"must divide model.d_model={self.d_model}", self.n_head)
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError("model.activation", f"one of {', '.join(ACTIVATIONS)}", self.activation)
+        for key in ("embd_pdrop", "resid_pdrop", "attn_pdrop"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"model.{key}", "a probability in [0, 1)", getattr(self, key))
+        for key in ("dtype", "param_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ConfigError(f"model.{key}", f"one of {', '.join(DTYPES)}", getattr(self, key))
+        if not self.layer_norm_eps > 0:
+            raise ConfigError("model.layer_norm_eps", "a positive number", self.layer_norm_eps)
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError("model.remat", f"one of {', '.join(REMAT_POLICIES)}", self.remat)
+        if not isinstance(self.attention_block, int) or self.attention_block < 0:
+            raise ConfigError("model.attention_block", "a non-negative integer", self.attention_block)
+        if self.attention not in ATTENTIONS:
+            raise ConfigError("model.attention", f"one of {', '.join(ATTENTIONS)}", self.attention)
+        if self.attention == "dot_product" and self.attn_pdrop > 0:
+            raise ConfigError("model.attention", "xla when model.attn_pdrop > 0 (the fused kernel "
+                              "has no attention dropout)", self.attention)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def residual_init_std(self) -> float:
+        if self.scale_residual_init:
+            return self.init_std / math.sqrt(2 * self.n_layer)
+        return self.init_std
+
 
 
 def model_config(config) -> GPTConfig:
