@@ -2,17 +2,18 @@
 orbax's CheckpointManager (`args=` API).
 
 Saves are asynchronous and atomic: orbax writes into a temporary directory and renames it
-when complete, so a crash mid-save leaves the previous checkpoint usable. Once a save has
-committed, the sha256 of every file in it goes into its CHECKSUMS file; a restore first
-checks them, so a checkpoint with a changed, truncated, missing or extra file (a lost data
-iterator, a flipped bit), or with no checksums (the process died between the commit and
-writing them), is unreadable and never restored as healthy. orbax 0.12.8 verifies no
-content itself (zarr3's crc32c covers only the shard index). Resuming skips unreadable
-checkpoints for the newest readable one and moves the skipped ones aside, so a run never
-gets stuck on a state it cannot resume from; it changes nothing when none is readable.
+when complete, so a crash mid-save leaves the previous checkpoint usable. Just before the
+rename, the sha256 of every file goes into the checkpoint's CHECKSUMS file, and a restore
+checks them first: a checkpoint with a changed, truncated, missing or extra file (a lost
+data iterator, a flipped bit) is unreadable, never restored as healthy. orbax 0.12.8
+verifies no content itself (zarr3's crc32c covers only the shard index). Resuming skips
+unreadable checkpoints for the newest readable one and moves the skipped ones aside, so a
+run never gets stuck on a state it cannot resume from; it changes nothing when none is
+readable.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -27,6 +28,8 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 EVAL_METRIC = "eval/loss"
 CHECKSUMS = "CHECKSUMS"
+# orbax's own records, which it rewrites while committing, after the checksums are taken
+UNSUMMED = (CHECKSUMS, "_CHECKPOINT_METADATA", "commit_success.txt")
 
 
 class Unreadable(RuntimeError):
@@ -47,15 +50,33 @@ def last_words(e: BaseException) -> str:
 
 
 def _files(step_dir: str) -> list[str]:
-    """The files of a committed checkpoint, relative to it, its CHECKSUMS file excepted."""
+    """The files of a checkpoint that its checksums cover, relative to it."""
     found = [os.path.relpath(os.path.join(root, name), step_dir)
              for root, _, names in os.walk(step_dir) for name in names]
-    return sorted(path for path in found if path != CHECKSUMS)
+    return sorted(path for path in found if path not in UNSUMMED)
 
 
 def _sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_checksums(step_dir: str) -> None:
+    sums = {path: _sha256(os.path.join(step_dir, path)) for path in _files(step_dir)}
+    with open(os.path.join(step_dir, CHECKSUMS), "w") as f:
+        json.dump(sums, f, indent=0, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _ChecksummedRename(ocp.path.atomicity.AtomicRenameTemporaryPath):
+    """orbax's atomic rename of a step's temporary directory, with its checksums written
+    into it first, in orbax's commit thread: a committed checkpoint always has them."""
+
+    async def finalize(self):
+        if self.get_final().name.isdigit():  # a step's directory, not one of its items'
+            await asyncio.to_thread(_write_checksums, os.fspath(self.get()))
+        await super().finalize()
 
 
 class Checkpointer:
@@ -71,9 +92,9 @@ class Checkpointer:
             policy = policies.AnyPreservationPolicy([policy, best])
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
-                create=True, preservation_policy=policy,
+                create=True, preservation_policy=policy, temporary_path_class=_ChecksummedRename,
                 best_fn=lambda m: m[EVAL_METRIC], best_mode="min"))
-        self._unsummed = None  # the step whose save may still be committing
+        self._in_flight = None  # the step whose save may still be committing
         self._verified = {}  # step -> None (readable) or why it is not
 
     def latest_step(self) -> int | None:
@@ -86,13 +107,14 @@ class Checkpointer:
         """`metrics` with an eval loss make the checkpoint a candidate for `keep_best`;
         without a `data_iterator` (imported weights) a resumed run starts its data afresh."""
         self.finish()  # orbax would wait for the previous save here too
+        self._verified.pop(step, None)  # a step saved again, after its first save was moved aside
         items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         with self._saving(step):
             if self.manager.save(step, metrics=metrics if metrics and EVAL_METRIC in metrics else None,
                                  args=ocp.args.Composite(**items)):
-                self._unsummed = step
+                self._in_flight = step
 
     @contextlib.contextmanager
     def _saving(self, step: int):
@@ -106,24 +128,11 @@ class Checkpointer:
                              f"({reason}); the checkpoints saved before it are kept") from e
 
     def finish(self) -> None:
-        """Waits for the save in flight to commit, then writes its checksums (process 0;
-        the others' files are in the same directory by then)."""
-        step, self._unsummed = self._unsummed, None
-        if step is None:
-            return
-        with self._saving(step):
-            self.manager.wait_until_finished()
-            if jax.process_index() != 0:
-                return
-            step_dir = os.path.join(self.directory, str(step))
-            sums = {path: _sha256(os.path.join(step_dir, path)) for path in _files(step_dir)}
-            tmp = os.path.join(step_dir, CHECKSUMS + ".tmp")
-            with open(tmp, "w") as f:
-                json.dump(sums, f, indent=0, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(step_dir, CHECKSUMS))
-        self._verified[step] = None
+        """Waits for the save in flight to commit."""
+        step, self._in_flight = self._in_flight, None
+        if step is not None:
+            with self._saving(step):
+                self.manager.wait_until_finished()
 
     def verify(self, step: int) -> None:
         """Raises Unreadable unless every file of `step` is there with its saved checksum."""
@@ -138,7 +147,7 @@ class Checkpointer:
             with open(os.path.join(step_dir, CHECKSUMS)) as f:
                 sums = json.load(f)
         except (OSError, ValueError):
-            return f"no {CHECKSUMS}: its save did not complete"
+            return f"{CHECKSUMS} is missing or damaged"
         files = _files(step_dir)
         for path in sorted(sums.keys() - set(files)):
             return f"{path} is missing"
