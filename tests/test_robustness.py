@@ -58,7 +58,7 @@ DAMAGE = {
     "a bit flipped in a state chunk": lambda d: [_flip_a_bit(p) for p in _state_chunks(d)],
     "state manifest removed": lambda d: (d / "state" / "manifest.ocdbt").unlink(),
     "a state chunk truncated": lambda d: [os.truncate(p, 10) for p in _state_chunks(d)],
-    "checksums never written": lambda d: (d / CHECKSUMS).unlink(),
+    "checksums removed": lambda d: (d / CHECKSUMS).unlink(),
 }
 
 
