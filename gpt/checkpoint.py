@@ -149,10 +149,11 @@ class Checkpointer:
         except (OSError, ValueError):
             return f"{CHECKSUMS} is missing or damaged"
         files = _files(step_dir)
-        for path in sorted(sums.keys() - set(files)):
-            return f"{path} is missing"
-        for path in sorted(set(files) - sums.keys()):
-            return f"{path} was not saved with it"
+        missing, extra = sorted(sums.keys() - set(files)), sorted(set(files) - sums.keys())
+        if missing:
+            return f"{missing[0]} is missing"
+        if extra:
+            return f"{extra[0]} was not saved with it"
         for path in files:
             if _sha256(os.path.join(step_dir, path)) != sums[path]:
                 return f"{path} does not match its checksum"
