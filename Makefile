@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DIR ?= runs/demo
+# glibc's malloc asks for transparent huge pages where the kernel grants them only on request
+# ("madvise"): XLA allocates a CPU step's temporaries afresh every step, and with 4 KiB pages each
+# is faulted in again (docs/performance.md). Opt in for your own runs the same way.
+HUGE_PAGES := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 .PHONY: setup setup-dev demo test bench bench-gpu lint clean sweep
 
@@ -22,7 +26,7 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 # Trains GPT-1 tiny (post-LN, bytes) on CPython's documentation text, then prints the result.
 demo: setup
 	rm -rf $(DEMO_DIR)
-	$(PY) -m experiments.train --config=configs/gpt1.py:tiny --workdir=$(DEMO_DIR)
+	$(HUGE_PAGES) $(PY) -m experiments.train --config=configs/gpt1.py:tiny --workdir=$(DEMO_DIR)
 	$(PY) -m experiments.sample --workdir=$(DEMO_DIR) --prompt="The with statement" \
 		--max_new_tokens=100 --temperature=0.8 --top_k=40
 
@@ -48,16 +52,15 @@ BENCH_SMALL := --config=configs/gpt2.py:small --config.data.seq_len=512 --config
 BENCH_TINY := --config=configs/gpt2.py:small --config.model.n_layer=4 --config.model.d_model=256 \
 	--config.model.n_head=4 --config.model.d_ff=1024 --config.data.seq_len=256 --config.data.batch_size=8
 bench: setup-dev
-	$(PY) -m experiments.bench $(BENCH_SMALL) --peer --compile_peer --warmup=1 --repeats=3 --rounds=3 $(BENCH_FLAGS)
-	$(PY) -m experiments.bench $(BENCH_TINY) --what=train --peer --compile_peer --warmup=2 --repeats=5 --rounds=3 $(BENCH_FLAGS)
+	$(HUGE_PAGES) $(PY) -m experiments.bench $(BENCH_SMALL) --peer --compile_peer --warmup=1 --repeats=3 --rounds=3 $(BENCH_FLAGS)
+	$(HUGE_PAGES) $(PY) -m experiments.bench $(BENCH_TINY) --what=train --peer --compile_peer --warmup=2 --repeats=5 --rounds=3 $(BENCH_FLAGS)
 
 # The same shapes on a GPU in bf16 (needs jax[cuda12]==0.10.2 in $(VENV)); no peer.
 bench-gpu: setup
 	PY=$(PY) tools/bench_gpu.sh
 
 lint: setup-dev
-	$(PY) -m pip install -q ruff==0.14.6
-	$(VENV)/bin/ruff check gpt experiments configs tests
+	$(VENV)/bin/ruff check gpt experiments configs tests tools
 
 clean:
 	rm -rf $(VENV) runs data

@@ -27,7 +27,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 6e-4
     c.optim.warmup_steps = 100
-    c.optim.schedule = "cosine"  # cosine | linear | constant (after warmup)
+    c.optim.schedule = "cosine"  # cosine | linear | constant (after warmup) | warmup_linear (GPT-1 fine-tuning)
     c.optim.end_lr = 0.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
@@ -47,6 +47,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.keep_best = True  # also keep the checkpoint with the lowest eval loss
     c.train.skip_nonfinite = False  # True: skip an update whose loss or gradient is not finite
     c.train.poison_step = 0  # testing aid: > 0 makes that step's loss NaN
+    c.train.kernels = "auto"  # auto: gpt/cpu's kernels where a step is lowered for CPU | none
     c.train.parallelism = "jit"  # jit (one device) | pmap (data parallel, local devices) | mesh (FSDP)
     c.train.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1})  # mesh only; -1: the rest
     c.train.seed = 0

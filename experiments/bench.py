@@ -34,7 +34,8 @@ from gpt import data, flops
 from gpt.config import validate
 from gpt.model import GPT
 from gpt.optim import make_optimizer
-from gpt.train_step import create_state, make_steps
+from gpt.parallel import make_steps
+from gpt.train_step import create_state
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 _WHAT = flags.DEFINE_list("what", ["train", "sample", "data"], "What to measure: train, sample, data.")
@@ -91,7 +92,7 @@ def as_benchmarked(config):
     config = config.copy_and_resolve_references()
     config.train.grad_accum_steps = 1
     config.model.embd_pdrop = config.model.resid_pdrop = config.model.attn_pdrop = 0.0
-    return config, GPT(validate(config))
+    return config, GPT(validate(config), common.kernels(config)[0])
 
 
 def random_batch(config, rng: np.random.Generator):
@@ -106,7 +107,8 @@ def bench_train(config, model: GPT, state, schedule, peak_flops: float, warmup: 
     """tokens/s, FLOP/s and MFU of one jitted train step, lowering and compilation timed
     apart, in `rounds` rounds of `warmup` + `repeats` steps with `between_rounds()` after each
     (the peers' turns); returns (results, the final state), as the step donates its state."""
-    steps = make_steps(model, schedule, "jit", accum_steps=1)
+    steps = make_steps(model, schedule, "jit", accum_steps=1,
+                       compiler_options=common.kernels(config)[1])
     batch = jax.device_put(random_batch(config, np.random.default_rng(0)))
     start = time.perf_counter()
     lowered = steps.train.lower(state, batch)
@@ -274,7 +276,7 @@ def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, rounds: in
     if peers and (model.cfg.d_ff != 4 * model.cfg.d_model or not model.cfg.tie_embeddings):
         raise ValueError(f"--peer is not allowed with model.d_ff={model.cfg.d_ff} or untied "
                          f"embeddings: the peer is GPT-2 (d_ff = 4 x d_model, tied embeddings)")
-    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    tx, schedule = make_optimizer(config.optim, config.train.steps, model.ops)
     state = create_state(model, tx, config.train.seed, config.data.seq_len)
     device = jax.devices()[0]
     results = {
@@ -290,7 +292,8 @@ def run(config, what, *, peers=(), warmup: int = 2, repeats: int = 5, rounds: in
                     "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
                     "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "matmul_peak_flops": flops.measure_matmul_flops(dtype=model.cfg.dtype),
+        "matmul_peak_flops": flops.measure_matmul_flops(
+            dtype=model.cfg.dtype, ops=model.ops, compiler_options=common.kernels(config)[1]),
         "ratios": {},
     }
     peer_rounds = {}  # (what, peer) -> each round's result

@@ -122,6 +122,26 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def kernels(config):
+    """(gpt.ops bundle, XLA compiler options) for a run's steps. train.kernels=auto: gpt/cpu's
+    kernels, which run where a step is lowered for CPU (XLA's ops elsewhere), and its compiler
+    options on a CPU backend; none, or gpt/cpu absent: XLA's ops and options everywhere. A mesh
+    over several devices keeps XLA's ops, which its partitioner can split."""
+    import jax
+
+    from gpt.ops import REFERENCE
+
+    if (config.train.get("kernels", "auto") == "none"
+            or (config.train.parallelism == "mesh" and jax.device_count() > 1)):
+        return REFERENCE, {}
+    try:
+        from gpt import cpu
+    except ImportError:
+        return REFERENCE, {}
+    options = dict(cpu.CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+    return cpu.ops(), options
+
+
 def load_run(workdir: str, step: int | None = None):
     """The resolved config, model and parameters of a training run's checkpoint (by default
     the newest readable one, as a resumed run picks, with a `warning:` line for each newer
@@ -144,7 +164,7 @@ def load_run(workdir: str, step: int | None = None):
     if step is not None and step not in ckpt.all_steps() or not ckpt.all_steps():
         raise FileNotFoundError(f"--workdir={workdir}: no checkpoint for step {step} "
                                 f"(have: {ckpt.all_steps() or 'none'})")
-    model = GPT(model_config(config))
+    model = GPT(model_config(config), kernels(config)[0])
     tx, _ = make_optimizer(config.optim, config.train.steps)
     abstract = jax.eval_shape(lambda: create_state(model, tx, config.train.seed, config.data.seq_len))
     try:

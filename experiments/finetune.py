@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from experiments import common, loop
 from gpt import data
-from gpt.config import validate
+from gpt.config import ConfigError, validate
 from gpt.finetune import pipeline, tasks
 from gpt.finetune.metrics import task_metrics
 from gpt.finetune.model import GPTClassifier, load_pretrained, make_evaluate, make_loss
@@ -53,12 +53,28 @@ def _summarize(task: tasks.Task):
     return summarize
 
 
+def set_steps(config, num_examples: int) -> None:
+    """train.steps from train.epochs over `num_examples`, and optim.warmup_steps from
+    optim.warmup_fraction of them."""
+    epochs, fraction = config.train.epochs, config.optim.warmup_fraction
+    if not (math.isfinite(epochs) and epochs > 0):
+        raise ConfigError("train.epochs", "a positive number (fine-tuning sets train.steps from it)", epochs)
+    if not 0 <= fraction <= 1:
+        raise ConfigError("optim.warmup_fraction", "a fraction of training in [0, 1]", fraction)
+    steps_per_epoch = max(1, num_examples // config.data.batch_size)
+    config.train.steps = max(1, math.ceil(epochs * steps_per_epoch))
+    config.optim.warmup_steps = round(fraction * config.train.steps)
+
+
 def finetune(config, workdir: str) -> dict:
     task = tasks.get_task(config.task)
     workdir = common.prepare_workdir(workdir)  # a bad one fails before any data work
     pretrained = _adopt_pretrained(config) if config.init_from else None
-    tok = data.get_tokenizer(config.data, loop.progress()).with_special_tokens()
-    config.model.vocab_size = max(config.model.vocab_size, tok.vocab_size)
+    # [start], [delim], [extract] are new rows after the pre-trained table, however many ids
+    # the tokenizer has (a table may be padded beyond them).
+    tok = data.get_tokenizer(config.data, loop.progress()).with_special_tokens(
+        after=config.model.vocab_size)
+    config.model.vocab_size = tok.vocab_size
     config.data.seq_len = min(config.data.seq_len, config.model.max_len)
     num_devices, mesh = loop.num_devices_and_mesh(config)
     model_cfg = validate(config, num_devices)
@@ -70,23 +86,22 @@ def finetune(config, workdir: str) -> dict:
                                  task, tok, max_len, "eval")
     length = pipeline.padded_length(train_split, eval_split, max_len=max_len)
     batch_size = config.data.batch_size
-    steps_per_epoch = max(1, len(train_split.seqs) // batch_size)
-    config.train.steps = max(1, math.ceil(config.train.epochs * steps_per_epoch))
-    if config.optim.warmup_fraction > 0:
-        config.optim.warmup_steps = round(config.optim.warmup_fraction * config.train.steps)
+    set_steps(config, len(train_split.seqs))
 
     model = GPTClassifier(model_cfg, num_outputs=task.num_labels, num_sequences=task.num_sequences,
                           multiple_choice=task.format == "multiple_choice",
-                          clf_pdrop=config.finetune.clf_pdrop)
+                          clf_pdrop=config.finetune.clf_pdrop, ops=common.kernels(config)[0])
     job = loop.Job(
         model=model, seq_len=length, tokens_per_step=batch_size * task.num_sequences * length,
         train_iter=pipeline.make_train_iterator(train_split, length, batch_size,
                                                 seed=config.train.seed, **loop.this_host()),
         eval_batches=pipeline.make_eval_batches(eval_split, length, batch_size, **loop.this_host()),
-        loss=make_loss(config.finetune.lm_coef, task.regression),
+        loss=make_loss(config.finetune.lm_coef, task.regression, model.ops.nll),
         evaluate=make_evaluate(task.regression), summarize=_summarize(task),
         initial_params=None if pretrained is None else
-        (lambda fresh: load_pretrained(fresh, pretrained)))
+        (lambda fresh: load_pretrained(fresh, pretrained)),
+        origin=f"from the pre-trained weights of {config.init_from}" if pretrained is not None
+        else "from scratch (random weights: no pre-training)")
     return loop.run(config, workdir, job, num_devices, mesh)
 
 

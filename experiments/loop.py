@@ -26,7 +26,8 @@ from gpt.checkpoint import Checkpointer
 from gpt.config import resume_changes
 from gpt.config import ConfigError
 from gpt.optim import make_optimizer
-from gpt.train_step import Evaluate, Loss, create_state, lm_evaluate, lm_loss, make_mesh, make_steps
+from gpt.parallel import make_mesh, make_steps
+from gpt.train_step import Evaluate, Loss, create_state, lm_evaluate, lm_loss
 
 
 def _log(message: str) -> None:
@@ -72,6 +73,7 @@ class Job:
     evaluate: Evaluate = lm_evaluate
     summarize: Callable[[list[dict]], dict] = _mean_loss  # eval outputs -> {"eval/...": float}
     initial_params: Callable[[Any], Any] | None = None  # fresh params -> starting params
+    origin: str = "from scratch"  # where a run that is not resumed starts, for its header
     corpus: str = ""  # the version of the text trained on (corpus.corpus_id): a resume must read it
 
 
@@ -155,11 +157,12 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
     caller has checked `workdir` (common.prepare_workdir) before any data work."""
     total_steps = config.train.steps
     model_cfg = job.model.cfg
-    tx, schedule = make_optimizer(config.optim, total_steps)
+    tx, schedule = make_optimizer(config.optim, total_steps, job.model.ops)
+    compiler_options = common.kernels(config)[1]
     steps = make_steps(job.model, schedule, config.train.parallelism, config.train.grad_accum_steps,
                        loss=job.loss, evaluate=job.evaluate,
                        skip_nonfinite=config.train.skip_nonfinite, poison_step=config.train.poison_step,
-                       mesh=mesh)
+                       mesh=mesh, compiler_options=compiler_options)
     state = create_state(job.model, tx, config.train.seed, job.seq_len, steps.shardings)
     if job.initial_params is not None:
         state = state.replace(params=job.initial_params(state.params))
@@ -174,12 +177,13 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
 
     n_params = flops.count_params(state.params)
     flops_per_tok = flops.flops_per_token(model_cfg, n_params, job.seq_len)
-    peak = (config.train.peak_flops or flops.measure_matmul_flops()) * num_devices
+    peak = (config.train.peak_flops or flops.measure_matmul_flops(
+        ops=job.model.ops, compiler_options=compiler_options)) * num_devices
     tokens_per_step = job.tokens_per_step
     writer = common.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
     _log(f"{n_params:,} parameters | {flops_per_tok / 1e6:.1f} MFLOPs/token | "
                f"{total_steps:,} steps of {tokens_per_step:,} tokens | "
-               f"{'from scratch' if resumed_step is None else f'resuming from step {resumed_step}'}")
+               f"{job.origin if resumed_step is None else f'resuming from step {resumed_step}'}")
 
     device_state = steps.put_state(state)
     last = {}

@@ -45,7 +45,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                           model_cfg.vocab_size)
     _resolve_steps(config)
     job = loop.Job(
-        model=GPT(model_cfg), seq_len=config.data.seq_len,
+        model=GPT(model_cfg, common.kernels(config)[0]), seq_len=config.data.seq_len,
         tokens_per_step=config.data.batch_size * config.data.seq_len,
         train_iter=data.make_train_iterator(config.data, seed=config.train.seed, **loop.this_host()),
         eval_batches=data.make_eval_batches(config.data, num_batches=config.train.eval_steps,

@@ -9,15 +9,15 @@ import dataclasses
 import math
 from typing import Any
 
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "warmup_linear")
 PARALLELISMS = ("jit", "pmap", "mesh")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")  # gelu_tanh: both papers' GELU
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")  # what the backward pass keeps: everything | each
 # block's input | matmul outputs
-ATTENTIONS = ("xla", "dot_product")  # einsum + softmax (on CPU gpt/attention.py's kernel where it
-# applies) | jax.nn.dot_product_attention (cuDNN on GPU)
+ATTENTIONS = ("auto", "xla", "cudnn", "splash")  # see gpt/ops.py
+KERNELS = ("auto", "none")  # train.kernels: gpt/cpu's kernels where a step is lowered for CPU | none
 
 
 class ConfigError(ValueError):
@@ -47,12 +47,13 @@ class GPTConfig:
     activation: str = "gelu_tanh"
     tie_embeddings: bool = True
     init_std: float = 0.02
+    wpe_init_std: float = 0.02  # position table; GPT-2's released code: 0.01 (HF: 0.02)
     scale_residual_init: bool = True  # GPT-2: residual projections get std / sqrt(2 * n_layer)
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots: trade recomputation for activation memory
     scan_layers: bool = False  # nn.scan over the blocks: compile time independent of depth
-    attention: str = "xla"  # xla | dot_product
+    attention: str = "auto"  # auto | xla | cudnn | splash (gpt/ops.py)
     attention_block: int = 128  # xla, causal: queries in blocks of this many; 0 = one block
 
     def __post_init__(self):
@@ -81,9 +82,15 @@ class GPTConfig:
             raise ConfigError("model.attention_block", "a non-negative integer", self.attention_block)
         if self.attention not in ATTENTIONS:
             raise ConfigError("model.attention", f"one of {', '.join(ATTENTIONS)}", self.attention)
-        if self.attention == "dot_product" and self.attn_pdrop > 0:
-            raise ConfigError("model.attention", "xla when model.attn_pdrop > 0 (the fused kernel "
-                              "has no attention dropout)", self.attention)
+        if self.attention in ("cudnn", "splash") and self.attn_pdrop > 0:
+            raise ConfigError("model.attention", "auto or xla when model.attn_pdrop > 0 (the fused "
+                              "kernels have no attention dropout)", self.attention)
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ConfigError("model.attention", "auto or xla when model.dtype=float32 (cuDNN's "
+                              "fused attention runs float16 and bfloat16)", self.attention)
+        for key in ("init_std", "wpe_init_std"):
+            if not 0 < getattr(self, key) < math.inf:
+                raise ConfigError(f"model.{key}", "a positive finite number", getattr(self, key))
 
     @property
     def head_dim(self) -> int:
@@ -146,6 +153,8 @@ def validate(config, num_devices: int = 1) -> GPTConfig:
         _positive_int(config, key)
     if config.data.seq_len > cfg.max_len:
         raise ConfigError("data.seq_len", f"at most model.max_len={cfg.max_len}", config.data.seq_len)
+    if config.train.kernels not in KERNELS:
+        raise ConfigError("train.kernels", f"one of {', '.join(KERNELS)}", config.train.kernels)
     if config.train.parallelism not in PARALLELISMS:
         raise ConfigError("train.parallelism", f"one of {', '.join(PARALLELISMS)}", config.train.parallelism)
     if config.optim.schedule not in SCHEDULES:
@@ -167,7 +176,7 @@ RESUME_SAFE = (
     "train.ckpt_every", "train.keep_ckpts", "train.keep_best", "train.peak_flops",
     "train.parallelism", "train.mesh.data", "train.mesh.fsdp", "train.grad_accum_steps",
     "train.skip_nonfinite", "train.poison_step", "train.distributed", "train.num_processes",
-    "train.process_id",
+    "train.process_id", "train.kernels",
     "model.embd_pdrop", "model.resid_pdrop", "model.attn_pdrop", "model.remat", "model.attention",
     "model.attention_block",
     "data.data_dir", "data.prefetch",

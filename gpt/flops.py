@@ -7,10 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt import matmul
-from gpt.compiler import default_compiler_options
 from gpt.config import GPTConfig
 from gpt.model import GPT
+from gpt.ops import REFERENCE, Ops
 
 
 def param_shapes(cfg: GPTConfig):
@@ -39,15 +38,15 @@ def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:
     return tokens_per_s * flops_per_tok / peak_flops
 
 
-def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32, ops: Ops = REFERENCE,
+                         compiler_options: dict | None = None) -> float:
     """Achieved FLOP/s of one square matmul on the default device, the fastest of XLA's
-    default kernels, the train step's options and, where it runs, the MKL kernel: the MFU
-    denominator where no datasheet peak is configured (honest on a CPU, where none applies)."""
+    default kernels and the train step's products (its ops' dot_general under its compiler
+    options): the MFU denominator where no datasheet peak is configured (honest on a CPU,
+    where none applies)."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-    candidates = [jax.jit(lambda x: x @ x, compiler_options=options)
-                  for options in ({}, default_compiler_options())]
-    if matmul.usable(dtype):
-        candidates.append(jax.jit(lambda x: matmul.matmul(x, x)))
+    product = lambda x: ops.dot_general(x, x, (((1,), (0,)), ((), ())))  # noqa: E731
+    candidates = [jax.jit(lambda x: x @ x), jax.jit(product, compiler_options=compiler_options)]
     best = float("inf")
     for product in candidates:
         product(a).block_until_ready()

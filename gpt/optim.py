@@ -1,30 +1,30 @@
-"""AdamW with warmup + decay, a weight-decay mask and global-norm clipping (optax), applied on
-CPU in one pass over each float32 parameter (adamw.cc).
-
-XLA runs optax's update as several loops over each parameter, gradient and moment; the kernel
-reads the four once and writes three. In a GPT-2 small step (tools/op_profile.py, README:
-Performance) the update took 348 ms on XLA and 166 ms with the kernel. It takes optax's steps
-in optax's order on the state optax keeps, so checkpoints do not depend on which ran. Used on
-CPU in float32 with the kernels built, unless GPT_JAX_FUSED_ADAMW=0.
-"""
+"""AdamW with linear warmup and cosine or linear decay, weight decay on weights and embeddings
+only, and global-norm clipping: one optax transformation."""
 from __future__ import annotations
-
-from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from gpt import cpu_kernels
+from gpt.ops import REFERENCE, Ops
 
-
-_VARIABLE = "GPT_JAX_FUSED_ADAMW"
+DECAYED = ("kernel", "embedding")  # nn.Dense's and nn.Embed's matrices
 
 
 def lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then cosine or linear decay to `end_lr` at `total_steps`."""
+    """Linear warmup from 0 to `lr`, then cosine or linear decay to `end_lr` at `total_steps`;
+    or "warmup_linear", GPT-1's fine-tuning schedule as released, update for update
+    (finetune-transformer-lm opt.py): the n-th update (from 1) uses lr * f(n / total_steps),
+    f(x) = x / w up to w = warmup_steps / total_steps, then 1 - x; end_lr is not used."""
     lr, end_lr, warmup = optim_cfg.lr, optim_cfg.end_lr, optim_cfg.warmup_steps
+    if optim_cfg.schedule == "warmup_linear":
+        w = warmup / total_steps
+
+        def warmup_linear(count):
+            x = (count + 1) / total_steps
+            return lr * jnp.where(x <= w, x / max(w, 1e-12), 1 - x)
+
+        return warmup_linear
     decay_steps = max(total_steps - warmup, 1)
     decay = {
         "cosine": lambda: optax.cosine_decay_schedule(lr, decay_steps, alpha=end_lr / lr if lr else 0.0),
@@ -35,63 +35,21 @@ def lr_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-    """Decay matrices (weights and embeddings), not biases or LayerNorm gains: GPT-1's
-    'all non bias or gain weights', and nanoGPT's rule for GPT-2."""
-    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    """Decay weights and embeddings, not biases or LayerNorm gains and biases: GPT-1's 'all non
+    bias or gain weights', and nanoGPT's rule for GPT-2. Decided by what a parameter is (its
+    name), so that layers stacked by scan_layers, whose biases are matrices, are treated alike."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in DECAYED, params)
 
 
-class Optimizer(NamedTuple):
-    """optax's (init, update), and `apply`: (grads, state, params) -> (params, state) updated,
-    which TrainState.apply_gradients calls."""
-
-    init: Callable
-    update: Callable
-    apply: Callable
-
-
-def make_optimizer(optim_cfg, total_steps: int, fused: bool | None = None
-                   ) -> tuple[Optimizer, optax.Schedule]:
-    """fused=None: `apply` runs the kernel where it can (see above); True: also an error where
-    the kernels cannot be built; False: optax's update."""
+def make_optimizer(optim_cfg, total_steps: int, ops: Ops = REFERENCE
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """optax's clip_by_global_norm and adamw; `ops.adamw`, where set, computes the same update
+    in one pass per parameter."""
     schedule = lr_schedule(optim_cfg, total_steps)
-    adamw = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                        weight_decay=optim_cfg.weight_decay, mask=decay_mask)
-    tx = adamw
+    tx = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                     weight_decay=optim_cfg.weight_decay, mask=decay_mask)
     if optim_cfg.grad_clip > 0:
-        tx = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), adamw)
-
-    def apply(grads, state, params):
-        leaves = jax.tree_util.tree_leaves((grads, params))
-        if (all(x.dtype == jnp.float32 for x in leaves)
-                and cpu_kernels.use(fused, _VARIABLE, "AdamW")):
-            return _fused_apply(optim_cfg, schedule, grads, state, params)
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    return Optimizer(tx.init, tx.update, apply), schedule
-
-
-def _fused_apply(optim_cfg, schedule, grads, state, params):
-    """optax's clip_by_global_norm, adamw and apply_updates, each number computed as optax
-    computes it, the elementwise part in adamw.cc."""
-    b1, b2, clip = optim_cfg.b1, optim_cfg.b2, optim_cfg.grad_clip
-    adam = optax.tree.get(state, "ScaleByAdamState")
-    count = optax.safe_increment(adam.count)
-    divisor = factor = jnp.float32(1.0)
-    if clip > 0:
-        norm = optax.tree.norm(grads)
-        divisor, factor = jnp.where(norm < clip, 1.0, norm), jnp.where(norm < clip, 1.0, clip)
-    hyper = jnp.stack([jnp.asarray(x, jnp.float32) for x in (
-        schedule(adam.count), 1 - b1 ** count, 1 - b2 ** count, divisor, factor,
-        b1, 1 - b1, b2, 1 - b2, optim_cfg.eps)])
-    decay = jax.tree_util.tree_map(lambda m: optim_cfg.weight_decay if m else 0.0, decay_mask(params))
-
-    def update(p, g, mu, nu, weight_decay):
-        return jax.ffi.ffi_call("gpt_adamw", (jax.ShapeDtypeStruct(p.shape, jnp.float32),) * 3,
-                                input_output_aliases={0: 0, 2: 1, 3: 2})(
-            p, g, mu, nu, hyper, weight_decay=np.float32(weight_decay))
-
-    with jax.named_scope("adamw"):  # for profiles (tools/op_profile.py)
-        out = jax.tree_util.tree_map(update, params, grads, adam.mu, adam.nu, decay)
-    params, mu, nu = jax.tree.transpose(jax.tree.structure(params), jax.tree.structure((0, 0, 0)), out)
-    return params, optax.tree.set(state, mu=mu, nu=nu, count=count)
+        tx = optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip), tx)
+    if ops.adamw is not None:
+        tx = ops.adamw(tx, optim_cfg, schedule)
+    return tx, schedule

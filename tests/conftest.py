@@ -18,3 +18,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 def data_dir(tmp_path_factory):
     """A data_dir per test module: its prepared corpus (and learned BPE) shared by its tests."""
     return str(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(params=["xla", "cpu"])
+def ops(request):
+    """The model's compute: gpt.ops' reference (what GPUs and TPUs run) and gpt/cpu's kernels."""
+    from gpt import cpu, ops
+    return ops.REFERENCE if request.param == "xla" else cpu.ops()

@@ -10,6 +10,7 @@ import numpy as np
 from configs import gpt2
 from gpt.config import model_config
 from gpt.model import GPT
+from gpt.ops import REFERENCE
 from gpt.optim import make_optimizer
 from gpt.train_step import create_state
 
@@ -49,9 +50,9 @@ def tiny_config(**overrides):
     return c
 
 
-def model_and_state(config):
-    model = GPT(model_config(config))
-    tx, schedule = make_optimizer(config.optim, config.train.steps)
+def model_and_state(config, ops=REFERENCE):
+    model = GPT(model_config(config), ops)
+    tx, schedule = make_optimizer(config.optim, config.train.steps, ops)
     return model, schedule, create_state(model, tx, config.train.seed, config.data.seq_len)
 
 

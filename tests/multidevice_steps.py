@@ -10,7 +10,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from gpt.config import model_config  # noqa: E402
-from gpt.train_step import create_state, make_mesh, make_steps  # noqa: E402
+from gpt.parallel import make_mesh, make_steps
+from gpt.train_step import create_state  # noqa: E402
 from tests.helpers import batches, max_relative_error, model_and_state, tiny_config  # noqa: E402
 
 
@@ -78,7 +79,7 @@ def restore_onto_another_mesh(state):
     import tempfile
 
     from gpt.checkpoint import Checkpointer
-    from gpt.train_step import fsdp_shardings
+    from gpt.parallel import fsdp_shardings
 
     with tempfile.TemporaryDirectory() as directory:
         ckpt = Checkpointer(directory)

@@ -8,7 +8,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from gpt.train_step import create_state, make_mesh, make_steps  # noqa: E402
+from gpt.parallel import make_mesh, make_steps
+from gpt.train_step import create_state  # noqa: E402
 from tests.helpers import batches, model_and_state, tiny_config  # noqa: E402
 
 

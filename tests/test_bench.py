@@ -5,7 +5,6 @@ import statistics
 import subprocess
 import sys
 
-import experiments
 from tests.helpers import ROOT, run
 
 
@@ -27,9 +26,6 @@ def test_bench_writes_every_measurement(tmp_path):
     assert "tokens_per_s" in results["sample"] or results["sample"]["skipped"].startswith("sampling:")
     assert results["data"]["tokens_per_s"] > 0
     assert "train ours" in result.stdout and "MFU" in result.stdout
-    # started with -m, the program re-executed itself asking for huge pages where the kernel
-    # grants them on request, and only there
-    assert (experiments.TUNABLE + "=1" in results["machine"]["glibc_tunables"]) == experiments._wants_huge_pages()
 
 
 TOOL_SHAPE = ("--config=configs/gpt2.py:tiny", "--config.model.n_layer=1", "--config.model.d_model=32",
@@ -52,7 +48,7 @@ def test_op_profile_names_the_model_parts():
 
 
 def test_xla_options_ab_times_each_variant():
-    variant = "ours:attention_block=8:GPT_JAX_FUSED_ATTENTION=0"  # blocks matter without the kernel
+    variant = "ours:attention_block=8:kernels=none"  # blocks matter without the kernel
     result = run("tools.xla_options_ab", *TOOL_SHAPE, f"--variants=ynnpack,{variant}", "--repeats=1")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()[-2:]

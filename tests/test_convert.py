@@ -25,6 +25,7 @@ from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, OpenAIGPTC
 from gpt import convert
 from gpt.config import GPTConfig
 from gpt.model import GPT
+from gpt.ops import REFERENCE
 
 torch.set_default_dtype(torch.float32)
 
@@ -75,21 +76,21 @@ def _tokens(vocab_size, batch, length, seed=0):
     return np.random.default_rng(seed).integers(0, vocab_size, (batch, length), dtype=np.int32)
 
 
-def _loss_and_logits(params, cfg, tokens_BxT):
-    logits_BxTxV = GPT(cfg).apply({"params": params}, tokens_BxT, deterministic=True)
+def _loss_and_logits(params, cfg, tokens_BxT, ops=REFERENCE):
+    logits_BxTxV = GPT(cfg, ops).apply({"params": params}, tokens_BxT, deterministic=True)
     loss = optax.softmax_cross_entropy_with_integer_labels(
         logits_BxTxV[:, :-1], tokens_BxT[:, 1:]).mean()
     return loss, logits_BxTxV
 
 
-_forward = jax.jit(_loss_and_logits, static_argnums=1)
+_forward = jax.jit(_loss_and_logits, static_argnums=(1, 3))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _ours(params, cfg, tokens_BxT):
-    """(mean next-token loss, logits, gradients of the loss): one compile per config."""
+@functools.partial(jax.jit, static_argnums=(1, 3))
+def _ours(params, cfg, tokens_BxT, ops=REFERENCE):
+    """(mean next-token loss, logits, gradients of the loss): one compile per config and ops."""
     (loss, logits_BxTxV), grads = jax.value_and_grad(_loss_and_logits, has_aux=True)(
-        params, cfg, tokens_BxT)
+        params, cfg, tokens_BxT, ops)
     return loss, logits_BxTxV, grads
 
 
@@ -150,42 +151,68 @@ def test_params_match_init_structure(case):
     assert case.cfg.vocab_size == case.hf.config.vocab_size  # GPT-1 special tokens carried
 
 
-def test_logits_match_hf(case):
-    _, ours, _ = _ours(case.params, case.cfg, case.tokens)
+def test_logits_match_hf(case, ops):
+    _, ours, _ = _ours(case.params, case.cfg, case.tokens, ops)
     _assert_close(ours, _hf_logits(case.hf, case.tokens), LOGITS_RTOL, "logits")
 
 
-def test_loss_and_gradients_match_hf(case):
-    loss, _, grads = _ours(case.params, case.cfg, case.tokens)
+def test_loss_and_gradients_match_hf(case, ops):
+    loss, _, grads = _ours(case.params, case.cfg, case.tokens, ops)
     hf_loss, hf_grads = _hf_loss_and_grads(case.hf, case.tokens)
     _assert_close(loss, hf_loss, LOGITS_RTOL, "loss")
     # Tied embeddings: both sides' wte gradient includes the head's contribution.
     _assert_trees_close(grads, convert.from_state_dict(case.cfg, hf_grads), GRAD_RTOL, "grad")
 
 
-def test_one_adamw_step_matches_torch(case):
-    """Same hyperparameters and the same gradients (HF's, converted), all parameters decayed.
+def test_the_optimizer_matches_torch_adamw(case, ops):
+    """The project's optimizer (gpt.optim: warmup and cosine, global-norm clipping, decay on
+    weights and embeddings only; the fused update under gpt/cpu's ops) against torch.optim.AdamW
+    with decay / no-decay parameter groups, LambdaLR and clip_grad_norm_, over four steps.
 
-    The gradients agree separately (test_loss_and_gradients_match_hf). Each side stepping on its
-    own would turn every rounding-level gradient element into a coin flip: Adam divides each
-    element by its own size, so one of ~1e-8 steps by +-lr on the sign of its rounding error.
+    Both sides step on the same gradients (HF's, converted): they agree separately
+    (test_loss_and_gradients_match_hf), and each side stepping on its own would turn every
+    rounding-level gradient element into a coin flip, as Adam divides each by its own size.
     """
-    hp = dict(lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
+    import ml_collections
+
+    from gpt.optim import make_optimizer
+    o = ml_collections.ConfigDict(dict(lr=1e-3, end_lr=1e-4, warmup_steps=2, schedule="cosine",
+                                       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=0.5))
+    total, n_steps = 6, 4
     model = copy.deepcopy(case.hf)
     _, hf_grads = _hf_loss_and_grads(model, case.tokens)
-    torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=(hp["b1"], hp["b2"]), eps=hp["eps"],
-                      weight_decay=hp["weight_decay"]).step()
-    stepped = _adamw_step(case.params, convert.from_state_dict(case.cfg, hf_grads), **hp)
-    hf_stepped = convert.from_state_dict(case.cfg, dict(model.state_dict()))
-    _assert_trees_close(stepped, hf_stepped, STEP_RTOL, "after one step")
+    named = dict(model.named_parameters())
+    groups = [{"params": [p for p in named.values() if p.ndim >= 2], "weight_decay": o.weight_decay},
+              {"params": [p for p in named.values() if p.ndim < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
 
+    def warmup_cosine(step):  # the multiplier of lr, written from the schedule's definition
+        if step < o.warmup_steps:
+            return step / o.warmup_steps
+        progress = (step - o.warmup_steps) / (total - o.warmup_steps)
+        return (o.end_lr + (o.lr - o.end_lr) * 0.5 * (1 + np.cos(np.pi * progress))) / o.lr
 
-@functools.partial(jax.jit, static_argnames=("lr", "b1", "b2", "eps", "weight_decay"))
-def _adamw_step(params, grads, **hp):
-    tx = optax.adamw(hp["lr"], b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
-                     weight_decay=hp["weight_decay"])
-    updates, _ = tx.update(grads, tx.init(params), params)
-    return optax.apply_updates(params, updates)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
+    for _ in range(n_steps):
+        for name, p in named.items():
+            p.grad = torch.from_numpy(hf_grads[name].copy())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        opt.step()
+        schedule.step()
+
+    tx, _ = make_optimizer(o, total, ops)
+    grads = jax.tree_util.tree_map(jnp.asarray, convert.from_state_dict(case.cfg, hf_grads))
+
+    @jax.jit
+    def step(params, state):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    params, state = case.params, tx.init(case.params)
+    for _ in range(n_steps):
+        params, state = step(params, state)
+    hf_stepped = convert.from_state_dict(case.cfg, {k: v.detach().numpy() for k, v in model.state_dict().items()})
+    _assert_trees_close(params, hf_stepped, STEP_RTOL, f"after {n_steps} steps")
 
 
 def test_hf_round_trip_is_bit_exact(case, tmp_path):

@@ -13,6 +13,7 @@ from gpt import evaluation
 from gpt.data import tokenizers
 from gpt.config import GPTConfig
 from gpt.model import GPT
+from tests import zero_shot_files
 from tests.helpers import start
 
 TINY = GPTConfig(vocab_size=257, max_len=16, n_layer=2, d_model=32, n_head=4, d_ff=64,
@@ -167,7 +168,7 @@ def trained(tmp_path_factory):
     finish(start_quick("experiments.train", "--config=configs/gpt2.py:tiny", f"--workdir={workdir}",
                        f"--config.data.data_dir={tmp_path_factory.mktemp('data')}",
                        "--config.model.n_layer=1", "--config.model.d_model=32", "--config.model.n_head=2",
-                       "--config.model.d_ff=64", "--config.model.max_len=32", "--config.data.seq_len=32",
+                       "--config.model.d_ff=64", "--config.model.max_len=64", "--config.data.seq_len=64",
                        "--config.data.batch_size=8", "--config.train.steps=2",
                        "--config.train.log_every=1", "--config.train.eval_every=2",
                        "--config.train.ckpt_every=2", "--config.train.eval_steps=1",
@@ -176,14 +177,22 @@ def trained(tmp_path_factory):
 
 
 def test_sample_and_evaluate_programs(trained, tmp_path):
-    """The three runs in parallel: each is mostly start-up and compilation."""
+    """The runs in parallel: each is mostly start-up and compilation."""
     passages = tmp_path / "lambada_test.jsonl"  # OpenAI's format: one {"text": ...} a line
     passages.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a cat sat", "x y"]))
+    document = tmp_path / "doc.txt"  # validation: the paragraph after the break at 90%
+    document.write_text("The first paragraph, all of it for training. " * 5 + "\n\nThe tail.")
+    data_root = tmp_path / "benchmarks"
+    zero_shot_files.write(data_root)
     sample = start_quick("experiments.sample", f"--workdir={trained}", "--prompt=def f",
                          "--max_new_tokens=12", "--temperature=0", "--chunk=5")
     perplexity = start_quick("experiments.evaluate", f"--workdir={trained}", "--limit=3", "--stride=16")
     lambada = start_quick("experiments.evaluate", f"--workdir={trained}", "--task=lambada",
-                          f"--dataset={passages}")
+                          f"--dataset={passages}", "--stopword_filter")
+    whole = start_quick("experiments.evaluate", f"--workdir={trained}", f"--dataset=text:{document}",
+                        "--split=all")
+    suite = start_quick("experiments.evaluate", f"--workdir={trained}", "--suite=gpt2_zero_shot",
+                        f"--data_root={data_root}")
 
     text = finish(sample)
     assert text.startswith("def f") and len(text) > len("def f\n")
@@ -196,4 +205,38 @@ def test_sample_and_evaluate_programs(trained, tmp_path):
 
     metrics = json.loads(finish(lambada))
     assert metrics["examples"] == 2 and metrics["target_tokens"] == len(" sat") + len(" y")
+    assert metrics["stopword_filter"] is True
     assert os.path.exists(os.path.join(trained, "eval_lambada_lambada_test.json"))
+
+    metrics = json.loads(finish(whole))  # both parts of the document: every byte of it
+    assert metrics["bytes"] == len(document.read_bytes()) and metrics["split"] == "all"
+
+    table = finish(suite)  # printed, and written as Markdown
+    assert table.rstrip("\n") == open(os.path.join(trained, "zero_shot.md")).read().rstrip("\n")
+    result = json.load(open(os.path.join(trained, "zero_shot.json")))
+    assert result["size"] == "small" and result["missing"] == {}
+    assert table.splitlines()[0].endswith("GPT-2 117M, paper's Table 3 |")
+    for label, metric, paper in [
+            ("LAMBADA", "perplexity", "35.13"), ("LAMBADA", "accuracy (%), no filter", "—"),
+            ("CBT-CN", "accuracy (%)", "87.65"), ("CBT-NE", "accuracy (%)", "83.40"),
+            ("WikiText-2", "perplexity", "29.41"), ("PTB", "perplexity", "65.85"),
+            ("enwik8", "bits per byte", "1.16"), ("text8", "bits per character", "1.17"),
+            ("WikiText-103", "perplexity", "37.50"), ("1BW", "perplexity", "75.20"),
+            ("HellaSwag", "acc (%)", "—"), ("HellaSwag", "acc_norm (%)", "—")]:
+        assert any(line.startswith(f"| {label} | {metric} | ") and line.endswith(f" | {paper} |")
+                   for line in table.splitlines()), (label, metric)
+
+
+def test_suite_flags_are_checked_first(tmp_path):
+    """Before anything loads: one line each, naming the flag."""
+    absent = tmp_path / "absent"
+    cases = {f"error: --data_root='{absent}' must be a directory": [f"--data_root={absent}"],
+             "error: --suite scores its own benchmarks' test sets: drop --task, --limit":
+                 [f"--data_root={tmp_path}", "--task=lambada", "--limit=3"]}
+    processes = {message: start_quick("experiments.evaluate", f"--workdir={tmp_path}",
+                                      "--suite=gpt2_zero_shot", *args)
+                 for message, args in cases.items()}
+    for message, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2 and stdout == ""
+        assert stderr.startswith(message) and len(stderr.strip().splitlines()) == 1, stderr

@@ -1,7 +1,9 @@
 """GPT-1's fine-tuning: input transformations, the objective, the metrics, and learning
 synthetic tasks from a tiny pre-trained run."""
+import csv
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -16,6 +18,7 @@ from gpt.finetune.model import GPTClassifier, load_pretrained, make_loss
 from gpt.finetune.transforms import Example, sequences, to_arrays
 from gpt.config import ConfigError, GPTConfig
 from gpt.model import GPT
+from gpt.optim import lr_schedule
 from tests.helpers import run
 
 TOK = bytes_tokenizer().with_special_tokens()
@@ -43,14 +46,14 @@ def test_input_transformations(fmt, example, expected):
 
 
 def test_truncation_as_released():
-    """max_len 10: each of two texts keeps 10 // 2 - 2 = 3 tokens (the first ones; a
-    multiple-choice context its last ones); a single text keeps 10 - 2 = 8."""
+    """max_len 10: each of two texts keeps its first 10 // 2 - 2 = 3 tokens, a multiple-choice
+    context too (the release's transform_roc: x1[:max_len]); a single text its first 10 - 2 = 8."""
     assert sequences(Example(("abcdefghijk",), 0), "classification", TOK, 10)[0].tolist() == \
         [S, *ids("abcdefgh"), E]
     assert sequences(Example(("abcdef", "uvwxyz"), 0), "entailment", TOK, 10)[0].tolist() == \
         [S, *ids("abc"), D, *ids("uvw"), E]
     assert sequences(Example(("abcdef?",), 0, ("uvwxyz",)), "multiple_choice", TOK, 10)[0].tolist() == \
-        [S, *ids("ef?"), D, *ids("uvw"), E]
+        [S, *ids("abc"), D, *ids("uvw"), E]
 
 
 def test_arrays_pad_and_point_at_extract():
@@ -134,15 +137,55 @@ def test_similarity_sums_both_orders():
     np.testing.assert_allclose(scores[0], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_pretrained_weights_load_and_special_rows_are_new():
-    _, model, fresh, _ = _model_and_batch()
+def test_special_rows_are_appended_after_a_table_larger_than_the_tokenizer():
+    """A pre-trained table of 264 rows for 257 byte ids: [start], [delim], [extract] are rows
+    264-266, new, drawn as the release draws them (N(0, 0.02)); rows 257-263 stay trained."""
+    tok = bytes_tokenizer().with_special_tokens(after=264)
+    assert [tok.special_ids[n] for n in ("<start>", "<delim>", "<extract>")] == [264, 265, 266]
+    assert tok.vocab_size == 267
+    cfg = GPTConfig(vocab_size=tok.vocab_size, max_len=16, n_layer=1, d_model=64, n_head=2, d_ff=32)
+    model = GPTClassifier(cfg, num_outputs=2)
+    fresh = model.init(jax.random.PRNGKey(0), *model.example_inputs(12))["params"]
     pretrained = {k: jax.tree_util.tree_map(lambda x: x + 1.0, v) for k, v in fresh.items() if k != "clf"}
-    pretrained["wte"] = {"embedding": fresh["wte"]["embedding"][:257] + 1.0}
+    pretrained["wte"] = {"embedding": np.asarray(fresh["wte"]["embedding"][:264]) + 1.0}
     loaded = load_pretrained(fresh, pretrained)
     np.testing.assert_array_equal(loaded["h_0"]["mlp"]["c_fc"]["kernel"], fresh["h_0"]["mlp"]["c_fc"]["kernel"] + 1)
-    np.testing.assert_array_equal(loaded["wte"]["embedding"][:257], fresh["wte"]["embedding"][:257] + 1)
-    np.testing.assert_array_equal(loaded["wte"]["embedding"][257:], fresh["wte"]["embedding"][257:])
+    np.testing.assert_array_equal(loaded["wte"]["embedding"][:264], pretrained["wte"]["embedding"])
+    new_rows = loaded["wte"]["embedding"][264:]
+    np.testing.assert_array_equal(new_rows, fresh["wte"]["embedding"][264:])
+    assert abs(float(np.std(new_rows)) - 0.02) < 0.003 and abs(float(np.mean(new_rows))) < 0.005
     np.testing.assert_array_equal(loaded["clf"]["kernel"], fresh["clf"]["kernel"])
+
+
+def test_schedule_is_the_released_warmup_linear():
+    """finetune-transformer-lm opt.py, `warmup_linear(x, warmup=0.002)`: s * (x / warmup) +
+    (1 - s) * (1 - x), s = x <= warmup, at x = t / t_total for the t-th update (t from 1),
+    times the paper's lr 6.25e-5; 64,000 examples in batches of 32 for 3 epochs: 6,000 updates."""
+    c = get_finetune_config("sst2")
+    finetune.set_steps(c, 64_000)
+    assert (c.train.steps, c.optim.lr) == (6000, 6.25e-5)
+    schedule = lr_schedule(c.optim, c.train.steps)
+
+    def released(t):
+        x = t / 6000
+        s = float(x <= 0.002)
+        return 6.25e-5 * (s * (x / 0.002) + (1 - s) * (1 - x))
+
+    for step in (0, 1, 5, 10, 11, 12, 13, 100, 3000, 5998, 5999):
+        np.testing.assert_allclose(float(schedule(step)), released(step + 1), rtol=1e-5, atol=1e-13)
+
+
+def test_fine_tuning_steps_and_warmup_come_from_epochs_and_fraction():
+    c = get_finetune_config("sst2")
+    c.optim.warmup_fraction = 0.0
+    finetune.set_steps(c, 640)
+    assert (c.train.steps, c.optim.warmup_steps) == (60, 0)  # not pre-training's 2,000
+    for key, value in (("train.epochs", float("nan")), ("train.epochs", 0.0), ("optim.warmup_fraction", 1.5),
+                       ("optim.warmup_fraction", float("nan"))):
+        c = get_finetune_config("sst2")
+        c[key.split(".")[0]][key.split(".")[1]] = value
+        with pytest.raises(ConfigError, match=f"^{re.escape(key)}="):
+            finetune.set_steps(c, 640)
 
 
 # ---- learning synthetic tasks from a tiny pre-trained run ----------------------------------
@@ -182,11 +225,12 @@ def synthetic(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """A GPT-2-style tiny run on the bytes of the offline corpus, 20 steps."""
+    """A GPT-2-style tiny run on the bytes of the offline corpus, 20 steps; its embedding table
+    has 264 rows for the tokenizer's 257 ids."""
     workdir = str(tmp_path_factory.mktemp("pretrained"))
     data_dir = str(tmp_path_factory.mktemp("data"))
     model = ["--config.model.n_layer=2", "--config.model.d_model=32", "--config.model.n_head=4",
-             "--config.model.d_ff=64", "--config.model.max_len=32"]
+             "--config.model.d_ff=64", "--config.model.max_len=32", "--config.model.vocab_size=264"]
     result = run("experiments.train", "--config=configs/gpt2.py:tiny", f"--workdir={workdir}",
                  f"--config.data.data_dir={data_dir}", "--config.data.seq_len=32", *model,
                  "--config.train.steps=20", "--config.train.eval_steps=1", "--config.train.peak_flops=1e9")
@@ -219,7 +263,7 @@ def test_finetuning_learns_well_above_chance(pretrained, synthetic, tmp_path, ki
     assert records[-1]["step"] == config.train.steps == 8 * (640 // 32)
     assert {"eval/accuracy", "eval/loss", "train/task_loss", "train/lm_loss"} <= set(records[-1])
     saved = json.load(open(tmp_path / "config.json"))
-    assert saved["model"]["vocab_size"] == 260 and saved["optim"]["warmup_steps"] == round(0.002 * 160)
+    assert saved["model"]["vocab_size"] == 264 + 3 and saved["optim"]["warmup_steps"] == round(0.002 * 160)
     pre = json.load(open(os.path.join(pretrained, "config.json")))
     tokenizer_keys = lambda d: {k: v for k, v in d.items() if k not in ("batch_size", "seq_len")}  # noqa: E731
     assert tokenizer_keys(saved["data"]) == tokenizer_keys(pre["data"])  # the run's tokenizer, exactly
@@ -254,6 +298,28 @@ def test_label_out_of_range_is_one_line(synthetic, tmp_path):
         pipeline.encode(tasks.load_examples(task, c.task, "train"), task, TOK, 16, "train")
 
 
+@pytest.mark.parametrize("fmt,num_labels,row,message", [
+    ("classification", 2, {"text": "a", "label": None}, "field 'label' is None; it must be an integer"),
+    ("classification", 2, {"text": "a", "label": [1]}, r"field 'label' is \[1\]; it must be an integer"),
+    ("classification", 2, {"text": {"a": 1}, "label": 1}, "field 'text' is {'a': 1}; it must be a string"),
+    ("multiple_choice", 2, {"context": "c", "choices": "ab", "label": 0},
+     "field 'choices' is 'ab'; it must be a list of strings"),
+    ("similarity", 1, {"text_a": "a", "text_b": "b", "label": float("nan")},
+     "field 'label' is nan; it must be a finite number"),
+])
+def test_bad_jsonl_field_names_file_line_and_field(tmp_path, fmt, num_labels, row, message):
+    good = {"classification": {"text": "a", "label": 1},
+            "multiple_choice": {"context": "c", "choices": ["a", "b"], "label": 1},
+            "similarity": {"text_a": "a", "text_b": "b", "label": 0.5}}[fmt]
+    _write_jsonl(tmp_path, "train", [good, row])
+    c = get_finetune_config(f"jsonl:{tmp_path}")
+    c.task.format, c.task.num_labels = fmt, num_labels
+    c.task.metrics = ("pearson",) if num_labels == 1 else ("accuracy",)
+    task = tasks.get_task(c.task)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'train.jsonl'))}:2: {message}"):
+        tasks.load_examples(task, c.task, "train")
+
+
 def test_command_line(pretrained, synthetic, tmp_path):
     args = ["--config=configs/finetune/sst2.py", f"--config.init_from={pretrained}",
             f"--config.task.name=jsonl:{synthetic / 'cls'}", "--config.task.format=classification",
@@ -262,11 +328,19 @@ def test_command_line(pretrained, synthetic, tmp_path):
     result = run("experiments.finetune", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith(f"jsonl:{synthetic / 'cls'}: validation f1 ")
+    assert f"from the pre-trained weights of {pretrained}" in result.stdout
+    assert "from scratch" not in result.stdout + result.stderr
 
     bad = run("experiments.finetune", "--config=configs/finetune/sst2.py", f"--workdir={tmp_path / 'x'}",
               f"--config.data.data_dir={tmp_path / 'empty'}")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert bad.stderr.startswith("error: task.name='glue/sst2': the TFDS dataset glue/sst2 is not prepared")
+
+    _write_jsonl(tmp_path / "null", "train", [{"text": "a", "label": None}])
+    bad = run("experiments.finetune", *args[:2], f"--config.task.name=jsonl:{tmp_path / 'null'}", *args[3:-1],
+              f"--workdir={tmp_path / 'y'}")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert bad.stderr.startswith(f"error: {tmp_path / 'null' / 'train.jsonl'}:1: field 'label' is None;")
 
 
 def test_classifier_dropout_alone_turns_dropout_on():
@@ -294,3 +368,65 @@ def test_task_prepared_as_tfrecord_is_one_line(monkeypatch):
     c = get_finetune_config("sst2")
     with pytest.raises(ValueError, match=r"^task.name='glue/sst2': .* not ArrayRecord; prepare it again"):
         tasks.load_examples(tasks.get_task(c.task), c.task, "train")
+
+
+# ---- the benchmarks' splits ----------------------------------------------------------------
+
+def _story_cloze_csv(path, story_ids):
+    """Rows in the layout of the 2016 release's cloze_test_*__spring2016.csv, which TFDS reads."""
+    cols = ["InputStoryid", "InputSentence1", "InputSentence2", "InputSentence3", "InputSentence4",
+            "RandomFifthSentenceQuiz1", "RandomFifthSentenceQuiz2", "AnswerRightEnding"]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(cols)
+        for i, story in enumerate(story_ids):
+            writer.writerow([story, f"{story} one.", "Two.", "Three.", "Four.", "Good end.", "Bad end.", 1 + i % 2])
+
+
+def test_story_cloze_trains_on_validation_and_evaluates_on_test(tmp_path):
+    """GPT-1's 86.5 is a test-set figure; the release trains on (most of) the validation set."""
+    import tensorflow_datasets as tfds
+
+    manual = tmp_path / "manual"
+    manual.mkdir()
+    _story_cloze_csv(manual / "cloze_test_val__spring2016.csv", ["v1", "v2"])
+    _story_cloze_csv(manual / "cloze_test_test__spring2016.csv", ["t1", "t2", "t3"])
+    tfds.builder("story_cloze/2016", data_dir=str(tmp_path / "tfds")).download_and_prepare(
+        file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=str(manual)))
+    c = get_finetune_config("story_cloze")
+    task = tasks.get_task(c.task)
+    contexts = {split: sorted(e.texts[0].split()[0] for e in tasks.load_examples(task, c.task, split, str(tmp_path / "tfds")))
+                for split in ("train", "eval")}
+    assert contexts == {"train": ["v1", "v2"], "eval": ["t1", "t2", "t3"]}
+    example = next(e for e in tasks.load_examples(task, c.task, "eval", str(tmp_path / "tfds"))
+                   if e.texts[0].startswith("t2"))
+    assert example == Example(("t2 one. Two. Three. Four.",), 1.0, ("Good end.", "Bad end."))
+
+
+@pytest.mark.parametrize("name,split", [("snli", "test"), ("scitail", "test"), ("race_high", "test"),
+                                        ("race_middle", "test"), ("mnli", "validation_matched")])
+def test_evaluated_on_the_split_of_gpt1s_figure_where_its_labels_are_public(name, split):
+    """GPT-1's tables 2 and 3 report test sets; GLUE's test labels are private."""
+    assert tasks.get_task(get_finetune_config(name).task).eval_split == split
+
+
+def test_race_is_the_union_of_high_and_middle_on_test(monkeypatch):
+    """GPT-1's RACE 59.0 is the test accuracy over both levels. Rows as TFDS's race/* gives
+    them (one article, its questions, options and answer letters); TFDS needs TensorFlow to
+    write their nested options, so the prepared dataset is stood in for."""
+    def rows(level, split):
+        return [{"article": f"{level} {split}.".encode(), "questions": [b"Q1?", b"Q2?"],
+                 "options": [[b"a", b"b", b"c", b"d"]] * 2, "answers": [b"B", b"D"],
+                 "example_id": f"{level}1.txt".encode()}]
+
+    asked = []
+    monkeypatch.setattr(tasks.corpus, "tfds_split",
+                        lambda name, split, data_dir, key: asked.append((name, split)) or rows(name, split))
+    c = get_finetune_config("race")
+    task = tasks.get_task(c.task)
+    examples = tasks.load_examples(task, c.task, "eval")
+    assert asked == [("race/high", "test"), ("race/middle", "test")]
+    assert examples == [Example((f"race/{level} test.\nQ{q}?",), label, ("a", "b", "c", "d"))
+                        for level in ("high", "middle") for q, label in ((1, 1.0), (2, 3.0))]
+    tasks.load_examples(task, c.task, "train")
+    assert asked[2:] == [("race/high", "train"), ("race/middle", "train")]

@@ -41,10 +41,10 @@ def pre():
 
 
 @pytest.mark.parametrize("placement", ["pre", "post"])
-def test_cached_logits_equal_full_forward(placement):
+def test_cached_logits_equal_full_forward(placement, ops):
     """Prefill a right-padded batch, then one token per call at each row's own positions."""
     cfg = PLACEMENTS[placement]
-    model, params = GPT(cfg), _params(cfg)
+    model, params = GPT(cfg, ops), _params(cfg)
     seqs_BxT = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 14))
     lengths_B, steps = np.array([6, 3]), 8
     prompts_BxP = np.where(np.arange(6) < lengths_B[:, None], seqs_BxT[:, :6], 7)  # row 1 padded
@@ -87,8 +87,8 @@ def _greedy(model, params, **kw):
                              temperature=0, **kw)
 
 
-def test_greedy_batch_is_each_prompts_repeated_argmax(pre):
-    model, params = pre
+def test_greedy_batch_is_each_prompts_repeated_argmax(pre, ops):
+    model, params = GPT(TINY, ops), pre[1]
     tokens, lengths = _greedy(model, params)
     assert lengths.tolist() == [NEW, NEW, 3]  # the last prompt fills the context after 3
     expected = [_argmax_continuation(model, params, p, n) for p, n in zip(PROMPTS, lengths)]

@@ -235,3 +235,19 @@ def test_a_bad_run_config_stops_the_sweep_before_any_run(tmp_path):
     assert lines[0].startswith("error: run norm_position=middle: model.norm_position")
     assert not os.path.exists(tmp_path / "w")
 
+
+
+@pytest.mark.parametrize("arg", ["", "tiny"])
+def test_norm_placement_runs_differ_only_in_where_layernorm_sits(arg):
+    """An ablation of one thing: each post-LN run's pre-LN partner differs only in the norm's
+    place and the final LN it needs; everything else (GPT-2's init and optimiser) is shared."""
+    from configs.sweeps import norm_placement
+
+    runs = sweeps.expand(norm_placement.get_config(arg))
+    post = [r for r in runs if ("model.norm_position", "post") in r.varied]
+    pre = [r for r in runs if ("model.norm_position", "pre") in r.varied]
+    assert len(post) == len(pre) == 4
+    for a, b in zip(post, pre):
+        assert {key for key, _ in set(a.overrides) ^ set(b.overrides)} == {"model.norm_position", "model.final_norm"}
+    assert not any(key.startswith("optim.b") or key == "model.scale_residual_init"
+                   for run in runs for key, _ in run.overrides)

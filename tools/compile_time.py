@@ -19,7 +19,8 @@ from ml_collections import config_flags  # noqa: E402
 from gpt.config import validate  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.optim import make_optimizer  # noqa: E402
-from gpt.train_step import create_state, make_steps  # noqa: E402
+from gpt.parallel import make_steps
+from gpt.train_step import create_state  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].")
 

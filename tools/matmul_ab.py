@@ -1,7 +1,7 @@
 """The train step's matrix products one by one, on XLA's CPU dots (the options make_steps
-compiles with), on gpt/matmul.py's MKL kernel and, where torch is installed, on torch's CPU
+compiles with), on gpt/cpu/matmul.py's MKL kernel and, where torch is installed, on torch's CPU
 matmul (MKL, as Hugging Face's peer runs it), interleaved: best times of --repeats, twice over.
-How gpt/matmul.py was chosen. Give it GLIBC_TUNABLES=glibc.malloc.hugetlb=1 as the programs run.
+How gpt/cpu/matmul.py was chosen. Give it GLIBC_TUNABLES=glibc.malloc.hugetlb=1 as the programs run.
 
 python tools/matmul_ab.py --config=configs/gpt2.py:small --config.data.seq_len=512 \
     --config.data.batch_size=4 [--repeats=12]
@@ -17,8 +17,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments import bench  # noqa: E402  (its --config and --repeats flags too)
-from gpt import matmul  # noqa: E402
-from gpt.compiler import default_compiler_options  # noqa: E402
+from gpt.cpu import build, matmul  # noqa: E402
+from gpt.cpu.compiler import CPU_COMPILER_OPTIONS  # noqa: E402
 
 
 def _products(cfg, rows):
@@ -51,7 +51,7 @@ def _sides(ta, tb):
     """name -> (a, b) -> the product, run to completion."""
     def xla(a, b):
         return (a.T if ta else a) @ (b.T if tb else b)
-    sides = {"xla": jax.jit(xla, compiler_options=default_compiler_options()),
+    sides = {"xla": jax.jit(xla, compiler_options=CPU_COMPILER_OPTIONS),
              "mkl kernel": jax.jit(lambda a, b: matmul.matmul(a, b, ta, tb))}
     sides = {k: (lambda f: lambda a, b: f(a, b).block_until_ready())(f) for k, f in sides.items()}
     try:
@@ -64,7 +64,9 @@ def _sides(ta, tb):
 
 
 def main(_):
-    matmul.usable(np.float32, fused=True)
+    build.require("matmul")
+    if not matmul.loaded():
+        raise SystemExit("the matmul kernel needs MKL (pip install mkl) on x86-64 Linux")
     config, model = bench.as_benchmarked(bench._CONFIG.value)  # pylint: disable=protected-access
     repeats = bench._REPEATS.value  # pylint: disable=protected-access
     rng = np.random.default_rng(0)

@@ -1,9 +1,9 @@
 """Where the time goes: the train step, or batch-1 greedy sampling, run under jax.profiler,
 with each XLA op's time summed per step (or per new token) and per model part, the part read
-from the op's HLO metadata. How gpt/compiler.py's options and GPT.logits' einsum were found.
+from the op's HLO metadata. How gpt/cpu/compiler.py's options and the tied head's einsum were found.
 Ops that run concurrently on the thread pool are each counted in full, so the parts can sum
 to more than the wall time. Give it GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to run as the
-programs do (see experiments/__init__.py).
+Makefile runs them (see its HUGE_PAGES).
 
 python tools/op_profile.py --config=configs/gpt2.py:small --config.data.seq_len=512 \
     --config.data.batch_size=4 [--of=train|sample] [--steps=2] [--top=15]
@@ -29,10 +29,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import bench  # noqa: E402  (its --config flag too)
+from experiments import bench, common  # noqa: E402  (its --config flag too)
 from gpt.optim import make_optimizer  # noqa: E402
 from gpt.sampling import generate  # noqa: E402
-from gpt.train_step import create_state, make_steps  # noqa: E402
+from gpt.parallel import make_steps  # noqa: E402
+from gpt.train_step import create_state  # noqa: E402
 
 _OF = flags.DEFINE_enum("of", "train", ["train", "sample"],
                         "The train step, or sampling (bench's --prompt_len and --new_tokens).")
@@ -96,9 +97,10 @@ def profile():
     """(seconds and calls per unit by (module, op), wall seconds per unit, the unit, op names)."""
     config, model = bench.as_benchmarked(bench._CONFIG.value)  # pylint: disable=protected-access
     if _OF.value == "train":
-        tx, schedule = make_optimizer(config.optim, config.train.steps)
+        tx, schedule = make_optimizer(config.optim, config.train.steps, model.ops)
         batch = jax.device_put(bench.random_batch(config, np.random.default_rng(0)))
-        train = make_steps(model, schedule, "jit").train
+        train = make_steps(model, schedule, "jit",
+                           compiler_options=common.kernels(config)[1]).train
         state = create_state(model, tx, config.train.seed, config.data.seq_len)
         state, metrics = train(state, batch)
         jax.block_until_ready(metrics)

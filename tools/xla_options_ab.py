@@ -1,11 +1,10 @@
 """The train step compiled under several sets of XLA CPU options, and optionally model
 settings, timed interleaved in one process (A B C A B C ...), so a shared machine's drift hits
-every variant alike: how gpt/compiler.py's CPU_COMPILER_OPTIONS were chosen. A variant is an
-option set, optionally with model fields after colons, `onednn:attention_block=0`, or environment
-variables set while it is traced, `ours:GPT_JAX_FUSED_ATTENTION=0`. The products run on
-gpt/matmul.py's MKL kernel whatever the options: add GPT_JAX_BLAS=0 to a variant to time XLA's
-dots under them. Give it GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to time the steps as the
-programs run them (see experiments/__init__.py).
+every variant alike: how gpt/cpu/compiler.py's CPU_COMPILER_OPTIONS were chosen. A variant is
+an option set, optionally with model fields after colons, `onednn:attention_block=0`, or
+`kernels=none` for XLA's ops instead of gpt/cpu's kernels (train.kernels), `ours:kernels=none`.
+With the kernels, the products run on MKL whatever the options. Give it GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to time the steps as the
+Makefile runs them (see its HUGE_PAGES).
 
 python tools/xla_options_ab.py --config=configs/gpt2.py:small --config.data.seq_len=512 \
     --config.data.batch_size=4 [--variants=ynnpack,eigen,onednn,ours] [--repeats=5]
@@ -15,7 +14,6 @@ import os
 import statistics
 import sys
 import time
-from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,10 +22,13 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from experiments import bench  # noqa: E402  (its --config and --repeats flags too)
-from gpt.compiler import CPU_COMPILER_OPTIONS, ONEDNN_DOTS  # noqa: E402
+from gpt import cpu  # noqa: E402
+from gpt.cpu.compiler import CPU_COMPILER_OPTIONS, ONEDNN_DOTS  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.optim import make_optimizer  # noqa: E402
-from gpt.train_step import create_state, make_steps  # noqa: E402
+from gpt.ops import REFERENCE  # noqa: E402
+from gpt.parallel import make_steps  # noqa: E402
+from gpt.train_step import create_state  # noqa: E402
 
 VARIANTS = {
     "ynnpack": {},  # XLA's default: dots (and some reductions) as YNNPACK fusions
@@ -39,31 +40,30 @@ _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS),
                               f"Each one of {', '.join(VARIANTS)}[:model_field=value...].")
 
 
-def _variant(model: GPT, spec: str) -> tuple[GPT, dict, dict]:
-    """(the model with the spec's fields replaced, its compile options, its environment)."""
+def _variant(model: GPT, spec: str) -> tuple[GPT, dict]:
+    """(the model with the spec's fields and ops, its compile options)."""
     options, *fields = spec.split(":")
-    changes, environment = {}, {}
+    changes, ops = {}, cpu.ops()
     for field in fields:
         key, value = field.split("=", 1)
-        if key.isupper():  # read when the step is traced (the kernels' switches)
-            environment[key] = value
+        if key == "kernels":
+            ops = REFERENCE if value == "none" else ops
             continue
         default = getattr(model.cfg, key)
         changes[key] = value.lower() == "true" if isinstance(default, bool) else type(default)(value)
-    return GPT(dataclasses.replace(model.cfg, **changes)), VARIANTS[options], environment
+    return GPT(dataclasses.replace(model.cfg, **changes), ops), VARIANTS[options]
 
 
 def main(_):
     config, model = bench.as_benchmarked(bench._CONFIG.value)  # pylint: disable=protected-access
-    tx, schedule = make_optimizer(config.optim, config.train.steps)
     batch = jax.device_put(bench.random_batch(config, np.random.default_rng(0)))
     states, compiled = {}, {}
     for name in _VARIANTS.value:
-        variant, options, environment = _variant(model, name)
+        variant, options = _variant(model, name)
+        tx, schedule = make_optimizer(config.optim, config.train.steps, variant.ops)
         train = make_steps(variant, schedule, "jit", compiler_options={}).train  # XLA's defaults
         states[name] = create_state(variant, tx, config.train.seed, config.data.seq_len)
-        with mock.patch.dict(os.environ, environment):
-            compiled[name] = train.lower(states[name], batch).compile(compiler_options=options)
+        compiled[name] = train.lower(states[name], batch).compile(compiler_options=options)
     times = {name: [] for name in compiled}
     for round_ in range(bench._REPEATS.value + 1):  # pylint: disable=protected-access
         for name, step in compiled.items():

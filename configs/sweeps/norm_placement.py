@@ -1,6 +1,13 @@
 """Pre- vs post-LayerNorm x depth x learning-rate warmup: GPT-2's move of LayerNorm to the
-input of each sub-block (plus a final LN), and why GPT-1's post-LN needed its warmup
+input of each sub-block (plus a final LN), and why a post-LN block needs warmup
 (Xiong et al. 2020, "On Layer Normalization in the Transformer Architecture").
+
+One variable at a time: the post-LN and pre-LN runs differ only in where LayerNorm sits
+(model.norm_position) and in the final LN that only pre-LN needs (a post-LN stack already
+ends in one). Everything else is the base config's, GPT-2's, in both: residual projections
+initialised at 0.02 / sqrt(2 x n_layer), no dropout, GPT-2's AdamW (b2 0.95, cosine decay,
+clipping 1.0). So the post-LN runs are post-LN GPT-2 blocks, not GPT-1's (GPT-1 has neither
+the scaled init nor b2 0.95); configs/sweeps/gpt1_vs_gpt2.py starts from GPT-1 instead.
 
 python -m experiments.sweep --config=configs/sweeps/norm_placement.py:tiny --workdir=runs/norm_placement_tiny
 
@@ -27,7 +34,8 @@ def get_config(arg: str = ""):
         depths, warmups = (12, 24), (0, 2000)
     else:
         raise ValueError(f"configs/sweeps/norm_placement.py: unknown arg {arg!r}; allowed: '' (GPT-2 small), tiny")
-    # GPT-1's block has no final LN (its last block ends in one); GPT-2's pre-LN needs one.
+    # post-LN (the block of GPT-1 and of the original Transformer) has no final LN: its last
+    # block ends in one. Pre-LN (GPT-2's) needs one.
     c.zip = (("model.norm_position", ("post", "pre")), ("model.final_norm", (False, True)))
     c.product = (("model.n_layer", depths), ("optim.warmup_steps", warmups))
     return c

@@ -67,13 +67,17 @@ class Tokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self.decode_fn(np.asarray(ids).tolist())
 
-    def with_special_tokens(self, names: Sequence[str] = FINETUNE_TOKENS) -> Tokenizer:
-        """This tokenizer with `names` as new ids after its vocabulary, as GPT-1 appended
-        its three fine-tuning tokens to 40,478 ids; the model's embedding grows to match."""
+    def with_special_tokens(self, names: Sequence[str] = FINETUNE_TOKENS,
+                            after: int = 0) -> Tokenizer:
+        """This tokenizer with `names` as new ids after its vocabulary and after `after` ids
+        (an embedding table's rows, which may outnumber the tokenizer's ids), as GPT-1
+        appended its three fine-tuning tokens to 40,478 ids: the model's embedding grows by
+        new rows, never reusing trained ones."""
         if set(names) & set(self.special_ids) or len(set(names)) != len(names):
             raise ValueError(f"special tokens {list(names)}: each must be new, "
                              f"not one of {list(self.special_ids)} nor repeated")
-        added = {name: self.vocab_size + i for i, name in enumerate(names)}
+        first = max(self.vocab_size, after)
+        added = {name: first + i for i, name in enumerate(names)}
         name_of = {i: name for name, i in added.items()}
         base = self.decode_fn
 
@@ -88,7 +92,7 @@ class Tokenizer:
                     run.append(i)
             return "".join(parts) + base(run)
 
-        return dataclasses.replace(self, vocab_size=self.vocab_size + len(names),
+        return dataclasses.replace(self, vocab_size=first + len(names),
                                    decode_fn=decode_fn, special_ids={**self.special_ids, **added})
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gpt.cross_entropy import softmax_cross_entropy
+from gpt import ops
 from gpt.model import GPT
 
 CLF_INIT_STD = 0.02  # the released code's classifier initialisation
@@ -67,19 +67,19 @@ def _task_loss_BxN(scores, labels_B, regression: bool):
     return optax.softmax_cross_entropy_with_integer_labels(scores, labels_B.astype(jnp.int32))
 
 
-def _lm_loss(lm_logits_BxCxTxV, tokens_BxCxT, lengths_BxC):
+def _lm_loss(lm_logits_BxCxTxV, tokens_BxCxT, lengths_BxC, nll):
     """The released code's auxiliary loss: next-token cross-entropy over each sequence's
     real tokens (the [extract] token included), averaged per sequence, then over sequences."""
     T = tokens_BxCxT.shape[-1]
-    losses = softmax_cross_entropy(lm_logits_BxCxTxV[..., :-1, :], tokens_BxCxT[..., 1:])
+    losses = nll(lm_logits_BxCxTxV[..., :-1, :], tokens_BxCxT[..., 1:])
     mask = jnp.arange(1, T)[None, None, :] < lengths_BxC[..., None]
     per_sequence = (losses * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1)
     return per_sequence.mean()
 
 
-def make_loss(lm_coef: float, regression: bool):
-    """The train_step Loss: task loss plus lm_coef x LM loss; with lm_coef 0 the LM head is
-    not even run."""
+def make_loss(lm_coef: float, regression: bool, nll=ops.nll):
+    """The train_step Loss: task loss plus lm_coef x LM loss (`nll`: the model's ops' loss);
+    with lm_coef 0 the LM head is not even run."""
 
     def loss(params, apply_fn, batch, rng, train: bool):
         scores, lm_logits = apply_fn(
@@ -88,7 +88,7 @@ def make_loss(lm_coef: float, regression: bool):
         task = _task_loss_BxN(scores, batch["label"], regression).mean()
         if lm_coef == 0:
             return task, {"task_loss": task}
-        lm = _lm_loss(lm_logits, batch["tokens"], batch["lengths"])
+        lm = _lm_loss(lm_logits, batch["tokens"], batch["lengths"], nll)
         return task + lm_coef * lm, {"task_loss": task, "lm_loss": lm}
 
     return loss
@@ -110,7 +110,9 @@ def make_evaluate(regression: bool):
 def load_pretrained(fresh, pretrained):
     """`fresh` (the classifier's initial parameters) with every parameter the pre-trained
     model has. The token embedding keeps its pre-trained rows and its fresh rows after
-    them: the special tokens appended to the vocabulary start from the paper's init."""
+    them: the special tokens, appended after the pre-trained table, start from the model's
+    embedding init, N(0, model.init_std = 0.02), as the release's
+    `np.random.randn(n_special, n_embd) * 0.02` (finetune-transformer-lm train.py)."""
     out = dict(fresh)
     for name, value in pretrained.items():
         if name not in out:

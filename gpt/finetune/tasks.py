@@ -5,11 +5,14 @@
 fields of its `task.format`:
   classification {"text", "label"}; entailment and similarity {"text_a", "text_b",
   "label"}; multiple_choice {"context", "choices": [...], "label": index of the answer}.
+Texts are strings, choices a list of strings, a label an integer (a class or an answer's
+index) or, for a regression (num_labels 1), a finite number.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
 
@@ -28,7 +31,7 @@ class Task:
     format: str
     num_labels: int  # classes; 1: regression; multiple choice: answers per example
     metrics: tuple[str, ...]  # the first one is the task's headline number
-    tfds_name: str = ""
+    tfds_names: tuple[str, ...] = ()  # the TFDS datasets whose examples, in order, it holds
     train_split: str = "train"
     eval_split: str = "validation"
     examples: Callable[[dict], Iterable[Example]] | None = None  # TFDS row -> examples
@@ -75,32 +78,40 @@ def _story_cloze(row):
 
 _GLUE = "glue/"
 TASKS = {
-    "sst2": Task("classification", 2, ("accuracy",), _GLUE + "sst2", examples=_fields("sentence")),
-    "cola": Task("classification", 2, ("matthews_corr", "accuracy"), _GLUE + "cola",
+    "sst2": Task("classification", 2, ("accuracy",), (_GLUE + "sst2",), examples=_fields("sentence")),
+    "cola": Task("classification", 2, ("matthews_corr", "accuracy"), (_GLUE + "cola",),
                  examples=_fields("sentence")),
-    "mrpc": Task("similarity", 2, ("f1", "accuracy"), _GLUE + "mrpc",
+    "mrpc": Task("similarity", 2, ("f1", "accuracy"), (_GLUE + "mrpc",),
                  examples=_fields("sentence1", "sentence2")),
-    "qqp": Task("similarity", 2, ("f1", "accuracy"), _GLUE + "qqp",
+    "qqp": Task("similarity", 2, ("f1", "accuracy"), (_GLUE + "qqp",),
                 examples=_fields("question1", "question2")),
-    "stsb": Task("similarity", 1, ("pearson", "spearman"), _GLUE + "stsb",
+    "stsb": Task("similarity", 1, ("pearson", "spearman"), (_GLUE + "stsb",),
                  examples=_fields("sentence1", "sentence2")),
-    "mnli": Task("entailment", 3, ("accuracy",), _GLUE + "mnli", eval_split="validation_matched",
+    "mnli": Task("entailment", 3, ("accuracy",), (_GLUE + "mnli",), eval_split="validation_matched",
                  examples=_fields("premise", "hypothesis")),
-    "qnli": Task("entailment", 2, ("accuracy",), _GLUE + "qnli",
+    "qnli": Task("entailment", 2, ("accuracy",), (_GLUE + "qnli",),
                  examples=_fields("question", "sentence")),
-    "rte": Task("entailment", 2, ("accuracy",), _GLUE + "rte",
+    "rte": Task("entailment", 2, ("accuracy",), (_GLUE + "rte",),
                 examples=_fields("sentence1", "sentence2")),
-    "snli": Task("entailment", 3, ("accuracy",), "snli", examples=_fields("premise", "hypothesis")),
-    "scitail": Task("entailment", 2, ("accuracy",), "sci_tail",
+    # GPT-1's SNLI, SciTail and RACE figures (tables 2, 3) are test-set accuracies, labels
+    # public; GLUE's test labels are not, so the GLUE tasks report validation.
+    "snli": Task("entailment", 3, ("accuracy",), ("snli",), eval_split="test",
+                 examples=_fields("premise", "hypothesis")),
+    "scitail": Task("entailment", 2, ("accuracy",), ("sci_tail",), eval_split="test",
                     examples=_fields("premise", "hypothesis")),
-    "race_high": Task("multiple_choice", 4, ("accuracy",), "race/high", eval_split="dev",
+    # GPT-1's "RACE" is the union of the high- and middle-school sets.
+    "race": Task("multiple_choice", 4, ("accuracy",), ("race/high", "race/middle"),
+                 eval_split="test", examples=_race),
+    "race_high": Task("multiple_choice", 4, ("accuracy",), ("race/high",), eval_split="test",
                       examples=_race),
-    "race_middle": Task("multiple_choice", 4, ("accuracy",), "race/middle", eval_split="dev",
+    "race_middle": Task("multiple_choice", 4, ("accuracy",), ("race/middle",), eval_split="test",
                         examples=_race),
-    # GPT-1 trained on the 2016 validation set (1,871 stories) split 1,497 / 374, and
-    # reported the test set; TFDS needs the files downloaded by hand (see its error).
-    "story_cloze": Task("multiple_choice", 2, ("accuracy",), "story_cloze/2016",
-                        train_split="validation[:1497]", eval_split="validation[1497:]",
+    # Story Cloze has no training set: the released code trains on 1,497 stories of the 2016
+    # validation set (1,871; drawn at random there, the first 80% here, which TFDS rounds to
+    # 1,497), keeps 374 to validate, and GPT-1 reports the test set (1,871). TFDS needs the
+    # files downloaded by hand (see its error).
+    "story_cloze": Task("multiple_choice", 2, ("accuracy",), ("story_cloze/2016",),
+                        train_split="validation[:80%]", eval_split="test",
                         examples=_story_cloze),
 }
 _JSONL_FIELDS = {"classification": ("text",), "entailment": ("text_a", "text_b"),
@@ -132,6 +143,25 @@ def get_task(task_cfg: ml_collections.ConfigDict) -> Task:
                 eval_split=task_cfg.eval_split or "validation")
 
 
+def _jsonl_example(row: dict, fmt: str, num_labels: int) -> Example:
+    """One jsonl row as an Example; ValueError names the field that is wrong."""
+    for name in _JSONL_FIELDS[fmt]:
+        if not isinstance(row[name], str):
+            raise ValueError(f"field {name!r} is {row[name]!r}; it must be a string")
+    choices = row.get("choices", [])
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices):
+        raise ValueError(f"field 'choices' is {choices!r}; it must be a list of strings")
+    label = row["label"]
+    if num_labels == 1 and fmt != "multiple_choice":
+        if isinstance(label, bool) or not isinstance(label, (int, float)) or not math.isfinite(label):
+            raise ValueError(f"field 'label' is {label!r}; it must be a finite number (a regression target)")
+    elif isinstance(label, bool) or not (isinstance(label, int)
+                                         or isinstance(label, float) and label.is_integer()):
+        raise ValueError(f"field 'label' is {label!r}; it must be an integer, the index of the "
+                         f"{'answer' if fmt == 'multiple_choice' else 'class'}")
+    return Example(tuple(row[name] for name in _JSONL_FIELDS[fmt]), float(label), tuple(choices))
+
+
 def _jsonl_examples(path: str, fmt: str, num_labels: int) -> list[Example]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"task.name: {path} does not exist (a jsonl task needs "
@@ -150,8 +180,10 @@ def _jsonl_examples(path: str, fmt: str, num_labels: int) -> list[Example]:
             if not isinstance(row, dict) or missing:
                 raise ValueError(f"{path}:{number}: a {fmt} example is a JSON object with "
                                  f"{', '.join(needed)}" + (f"; missing {', '.join(missing)}" if missing else ""))
-            examples.append(Example(tuple(str(row[k]) for k in _JSONL_FIELDS[fmt]), float(row["label"]),
-                                    tuple(str(c) for c in row.get("choices", ()))))
+            try:
+                examples.append(_jsonl_example(row, fmt, num_labels))
+            except ValueError as e:
+                raise ValueError(f"{path}:{number}: {e}") from None
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples
@@ -165,5 +197,8 @@ def load_examples(task: Task, task_cfg: ml_collections.ConfigDict, split: str,
         directory = task_cfg.name[len(JSONL_PREFIX):]
         return _jsonl_examples(os.path.join(directory, f"{tfds_split}.jsonl"),
                                task.format, task.num_labels)
-    source = corpus.tfds_split(task.tfds_name, tfds_split, data_dir, key="task.name")
-    return [example for i in range(len(source)) for example in task.examples(source[i])]
+    examples = []
+    for name in task.tfds_names:
+        source = corpus.tfds_split(name, tfds_split, data_dir, key="task.name")
+        examples += [example for i in range(len(source)) for example in task.examples(source[i])]
+    return examples

@@ -10,11 +10,12 @@ pre-trained model is used as it is and only a linear classifier is new:
 - multiple choice:  [start] context [delim] answer_k [extract] for each answer k; a
                     softmax over the answers
 
-Truncation follows the released code (openai/finetune-transformer-lm): a sequence with
-two texts gives each at most max_len // 2 - 2 tokens, a single text max_len - 2. A
-multiple-choice context keeps its last tokens, so a question at its end (RACE's
-document + question) survives; the released code only had ROCStories, whose contexts
-never reach the limit.
+Truncation follows the released code (openai/finetune-transformer-lm train.py,
+`transform_roc`: `[start] + x1[:max_len] + [delimiter] + x2[:max_len] + [clf_token]` with
+`max_len = n_ctx // 2 - 2`): a sequence with two texts, a multiple-choice context and
+answer included, keeps the FIRST max_len // 2 - 2 tokens of each. A single text keeps its
+first max_len - 2 (the release has no single-text task). A RACE context (article then
+question) longer than the budget therefore loses its question, as it would in the release.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def sequences(example: Example, fmt: str, tok: Tokenizer, max_len: int) -> list[
     """The example's token sequences (one per order or answer), each ending in [extract]."""
     start, delim, extract = (tok.special_ids[name] for name in FINETUNE_TOKENS)
     parts = [tok.encode(text) for text in example.texts]
-    pair_budget = max_len // 2 - 2
+    pair_budget = max(max_len // 2 - 2, 0)
 
     def seq(*pieces):
         return np.concatenate([[start], *pieces, [extract]]).astype(np.int32)
@@ -58,7 +59,7 @@ def sequences(example: Example, fmt: str, tok: Tokenizer, max_len: int) -> list[
         a, b = (p[:pair_budget] for p in parts)
         orders = [(a, b), (b, a)] if fmt == "similarity" else [(a, b)]
         return [seq(x, [delim], y) for x, y in orders]
-    context = parts[0][-pair_budget:] if pair_budget > 0 else parts[0][:0]
+    context = parts[0][:pair_budget]
     return [seq(context, [delim], tok.encode(answer)[:pair_budget]) for answer in example.choices]
 
 

@@ -4,9 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt.attention import causal_self_attention
+from gpt import cpu
 from gpt.config import GPTConfig
+from gpt.cpu.attention import causal_self_attention
 from gpt.model import GPT
+from gpt.ops import REFERENCE
 from tests.helpers import max_relative_error
 
 
@@ -69,36 +71,32 @@ def test_under_vmap_and_jit():
     assert max_relative_error(jax.vmap(lambda x: causal_self_attention(x, 2))(qkv), out_truth) < 1e-6
 
 
-def _model(**overrides):
+def _model(ops=None, **overrides):
     fields = dict(vocab_size=97, max_len=80, n_layer=2, d_model=64, n_head=4, d_ff=128,
                   embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
-    return GPT(GPTConfig(**{**fields, **overrides}))
+    return GPT(GPTConfig(**{**fields, **overrides}), cpu.ops() if ops is None else ops)
 
 
-def test_the_model_matches_its_xla_attention(monkeypatch):
-    model = _model()
+def test_the_model_matches_its_xla_attention():
     tokens = jax.random.randint(jax.random.key(0), (2, 80), 0, 97)
-    params = model.init(jax.random.key(1), tokens)["params"]
+    params = _model().init(jax.random.key(1), tokens)["params"]
 
-    def loss_and_grad():
+    def loss_and_grad(ops):
+        model = _model(ops)
         fn = jax.jit(jax.value_and_grad(lambda p: model.apply(
             {"params": p}, tokens, tokens, method="next_token_nll").mean()))
-        assert ("gpt_attention_fwd" in fn.lower(params).as_text()) == (fused == "1")
+        assert ("gpt_attention_fwd" in fn.lower(params).as_text()) == (ops is not REFERENCE)
         return fn(params)
 
-    results = {}
-    for fused in ("1", "0"):
-        monkeypatch.setenv("GPT_JAX_FUSED_ATTENTION", fused)
-        results[fused] = loss_and_grad()
-    np.testing.assert_allclose(results["1"][0], results["0"][0], rtol=1e-6)
-    assert max_relative_error(results["1"][1], results["0"][1]) < 1e-5
+    fused, xla = loss_and_grad(cpu.ops()), loss_and_grad(REFERENCE)
+    np.testing.assert_allclose(fused[0], xla[0], rtol=1e-6)
+    assert max_relative_error(fused[1], xla[1]) < 1e-5
 
 
 @pytest.mark.parametrize("overrides,deterministic", [
     ({"attn_pdrop": 0.1}, False),  # attention dropout: the kernel has none
     ({"dtype": "bfloat16"}, True),  # float32 only
-    ({"n_head": 8}, True),  # head width 8
-    ({"attention": "dot_product"}, True)])
+    ({"n_head": 8}, True)])  # head width 8
 def test_the_model_keeps_xlas_attention_where_the_kernel_does_not_apply(overrides, deterministic):
     model = _model(**overrides)
     tokens = jnp.zeros((1, 80), jnp.int32)
@@ -113,7 +111,7 @@ def test_empty_sequences_give_empty_outputs():
     assert out.shape == (2, 0, 32) and vjp(out)[0].shape == (2, 0, 96)
 
 
-def test_decoding_matches_xlas_and_writes_the_cache_in_place(monkeypatch):
+def test_decoding_matches_xlas_and_writes_the_cache_in_place():
     """One token per row at different positions (the rows' caches already hold other tokens)
     against the XLA path: the output, both caches, and the in-place write the HLO aliases."""
     from gpt.model import init_cache
@@ -125,22 +123,20 @@ def test_decoding_matches_xlas_and_writes_the_cache_in_place(monkeypatch):
     cache = tuple(tuple(jax.random.normal(jax.random.key(i + 2 * j), c.shape) for i, c in enumerate(layer))
                   for j, layer in enumerate(init_cache(cfg, 3, cfg.max_len)))
 
-    def decode():
+    def decode(ops):
+        model = _model(ops, n_head=8)
         fn = jax.jit(lambda p, c: model.apply({"params": p}, tokens, positions, c, method=GPT.decode))
-        assert ("gpt_attention_decode" in fn.lower(params, cache).as_text()) == (fused == "1")
+        assert ("gpt_attention_decode" in fn.lower(params, cache).as_text()) == (ops is not REFERENCE)
         return fn(params, cache)
 
-    results = {}
-    for fused in ("1", "0"):
-        monkeypatch.setenv("GPT_JAX_FUSED_ATTENTION", fused)
-        results[fused] = decode()
-    assert max_relative_error(results["1"], results["0"]) < 1e-5
-    new_k = results["1"][1][0][0]
+    fused = decode(cpu.ops())
+    assert max_relative_error(fused, decode(REFERENCE)) < 1e-5
+    new_k = fused[1][0][0]
     np.testing.assert_array_equal(np.delete(new_k[1], 7, axis=0), np.delete(cache[0][0][1], 7, axis=0))
 
 
 def test_decoding_refuses_a_position_outside_the_cache():
-    from gpt.attention import decode
+    from gpt.cpu.attention import decode
     cache = (jnp.zeros((1, 4, 2, 16)), jnp.zeros((1, 4, 2, 16)))
     with pytest.raises(Exception, match="a position outside the cache"):
         jax.block_until_ready(decode(jnp.zeros((1, 1, 96)), cache, jnp.array([[4]]), 2))

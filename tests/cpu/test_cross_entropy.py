@@ -7,9 +7,23 @@ import numpy as np
 import optax
 import pytest
 
-from gpt import matmul
-from gpt.cross_entropy import softmax_cross_entropy, tied_head_cross_entropy
+from gpt import cpu, ops
+from gpt.cpu import cross_entropy, matmul
 from tests.helpers import batches, max_relative_error, model_and_state, tiny_config
+
+
+KERNELS = cpu.ops()
+
+
+def softmax_cross_entropy(logits, labels, fused=True):
+    return (KERNELS if fused else ops.REFERENCE).nll(logits, labels)
+
+
+def tied_head_cross_entropy(h, table, labels, fused=True, mkl=None):
+    if not fused:
+        return ops.tied_head_nll(h, table, labels)
+    mkl = matmul.loaded() if mkl is None else mkl
+    return cross_entropy.tied_head_nll(ops.tied_head_nll, mkl)(h, table, labels)
 
 
 def _logits_and_labels(shape, vocab, scale, seed=0):
@@ -70,15 +84,13 @@ def test_a_label_outside_the_vocabulary_is_nan_not_a_stray_read():
     assert np.isfinite(loss) and np.isfinite(grad).all()
 
 
-def test_cpu_steps_use_the_kernel_unless_switched_off(monkeypatch):
+def test_the_kernel_runs_where_a_step_is_lowered_for_cpu_only():
     logits, labels = _logits_and_labels((2, 3), 40, 1.0)
-
-    def hlo():
-        return jax.jit(jax.grad(lambda x: softmax_cross_entropy(x, labels).mean())).lower(logits).as_text()
-
-    assert "gpt_cross_entropy_fwd" in hlo() and "gpt_cross_entropy_bwd" in hlo()
-    monkeypatch.setenv("GPT_JAX_FUSED_CE", "0")
-    assert "gpt_cross_entropy" not in hlo()
+    traced = jax.jit(jax.grad(lambda x: softmax_cross_entropy(x, labels).mean())).trace(logits)
+    hlo = traced.lower().as_text()
+    assert "gpt_cross_entropy_fwd" in hlo and "gpt_cross_entropy_bwd" in hlo
+    for platform in ("cuda", "tpu"):
+        assert "gpt_cross_entropy" not in traced.lower(lowering_platforms=(platform,)).as_text()
 
 
 # 32 rows fill the kernel's blocks of 16 (streamed transposes on AVX-512); 37 leave a tail.
@@ -86,8 +98,8 @@ def test_cpu_steps_use_the_kernel_unless_switched_off(monkeypatch):
 # writes the transpose.
 @pytest.mark.parametrize("rows,vocab", [(32, 1001), (37, 333)])
 @pytest.mark.parametrize("blas", ["1", "0"])
-def test_tied_head_gradients_match_autodiff_of_the_unfused_head(rows, vocab, blas, monkeypatch):
-    monkeypatch.setenv("GPT_JAX_BLAS", blas)
+def test_tied_head_gradients_match_autodiff_of_the_unfused_head(rows, vocab, blas):
+    mkl = blas == "1" and matmul.loaded()
     k_h, k_table, k_labels, k_weights = jax.random.split(jax.random.key(2), 4)
     h = jax.random.normal(k_h, (rows, 8))
     table = jax.random.normal(k_table, (vocab, 8))
@@ -96,22 +108,21 @@ def test_tied_head_gradients_match_autodiff_of_the_unfused_head(rows, vocab, bla
 
     def grads(fused):
         def loss(h, table):
-            return (tied_head_cross_entropy(h, table, labels, fused=fused) * weights).sum()
+            return (tied_head_cross_entropy(h, table, labels, fused=fused, mkl=mkl) * weights).sum()
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(h, table)
 
     (ours, (dh, dtable)), (ref, (dh_ref, dtable_ref)) = grads(True), grads(False)
     np.testing.assert_allclose(ours, ref, rtol=2e-6)
     assert max_relative_error(dh, dh_ref) < 1e-6 and max_relative_error(dtable, dtable_ref) < 1e-6
     hlo = jax.jit(jax.grad(lambda h: tied_head_cross_entropy(
-        h, table, labels, fused=True).sum())).lower(h).as_text()
-    mkl = blas == "1" and matmul.loaded()
+        h, table, labels, fused=True, mkl=mkl).sum())).lower(h).as_text()
     assert ("gpt_cross_entropy_bwd_t" in hlo) != mkl and ("gpt_matmul" in hlo) == mkl
 
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_next_token_nll_is_the_loss_of_the_models_logits(tied):
     config = tiny_config(**{"model.tie_embeddings": tied})
-    model, _, state = model_and_state(config)
+    model, _, state = model_and_state(config, KERNELS)
     batch = batches(config, 1)[0]
 
     def loss(params, fused_path):

@@ -6,9 +6,9 @@ and 6.15 s on torch, which calls MKL too (tools/matmul_ab.py; README, Performanc
 calls MKL single-threaded on one block of the product per thread of XLA's own pool, so that
 products XLA runs side by side share its threads rather than each starting an OpenMP team.
 
-The model's dense layers (`dot_general`, for nn.Dense) and tied head call `matmul`; they get
-XLA's dot instead off CPU, in other dtypes, without a compiler or MKL (the `mkl` package is
-installed on x86-64 Linux only), or with GPT_JAX_BLAS=0 in the environment.
+The model's dense layers (`dot_general`, for nn.Dense) and tied head use `matmul` where a step
+is lowered for CPU in float32 with MKL loaded (the `mkl` package is installed on x86-64 Linux
+only); XLA's dot otherwise.
 """
 from __future__ import annotations
 
@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from gpt import cpu_kernels
+from gpt.cpu import build
 
-_VARIABLE = "GPT_JAX_BLAS"
 _SEQUENTIAL = 1  # MKL_THREADING_SEQUENTIAL
 
 
@@ -39,7 +38,7 @@ def _mkl_library() -> str | None:
 @functools.cache
 def loaded() -> bool:
     """Whether MKL's sgemm is loaded into the kernels (once a process)."""
-    kernels, path = cpu_kernels.library(), _mkl_library()
+    kernels, path = build.library(), _mkl_library()
     if kernels is None or path is None:
         return False
     try:
@@ -54,25 +53,11 @@ def loaded() -> bool:
     return True
 
 
-def usable(*dtypes, fused: bool | None = None) -> bool:
-    """Whether `matmul` may run for operands of these dtypes. fused=None: on CPU with the kernels
-    and MKL loaded, unless GPT_JAX_BLAS=0; True insists (an error without them)."""
-    if not all(jnp.dtype(d) == jnp.float32 for d in dtypes):
-        return False
-    if not cpu_kernels.use(fused, _VARIABLE, "matmul"):
-        return False
-    if not loaded():
-        if fused:
-            raise RuntimeError("the matmul kernel needs MKL (pip install mkl) on x86-64 Linux")
-        return False
-    return True
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def matmul(a: jax.Array, b: jax.Array, transpose_a: bool = False,
            transpose_b: bool = False) -> jax.Array:
     """op(a) @ op(b) in float32, op transposing the last two axes where asked; leading axes are
-    a batch, equal in both. Callers check `usable` first."""
+    a batch, equal in both. Needs `loaded()`."""
     m = a.shape[-1] if transpose_a else a.shape[-2]
     n = b.shape[-2] if transpose_b else b.shape[-1]
     with jax.named_scope("matmul"):  # for profiles (tools/op_profile.py)
@@ -97,20 +82,37 @@ def _backward(transpose_a, transpose_b, residuals, g):
 matmul.defvjp(_forward, _backward)
 
 
-def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """lax.dot_general for nn.Dense(dot_general=...): x [..., K] @ kernel [K, N] in float32 as
-    one `matmul` of x's rows; anything else as lax.dot_general."""
+def _is_dense(lhs, rhs, dimension_numbers, preferred_element_type) -> bool:
+    """x [..., K] @ kernel [K, N] in float32: nn.Dense's product."""
     (lhs_contract, rhs_contract), batch = dimension_numbers
-    dense = (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
-             and rhs.ndim == 2 and batch == ((), ())
-             and preferred_element_type in (None, jnp.float32))
-    if not (dense and usable(lhs.dtype, rhs.dtype)):
-        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
-    return over_rows(lhs, rhs)
+    return (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
+            and rhs.ndim == 2 and batch == ((), ()) and lhs.dtype == rhs.dtype == jnp.float32
+            and preferred_element_type in (None, jnp.float32))
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """lax.dot_general for nn.Dense(dot_general=...): where a step is lowered for CPU, a dense
+    float32 product as one `matmul` of x's rows; anything else as lax.dot_general."""
+    xla = functools.partial(lax.dot_general, dimension_numbers=dimension_numbers,
+                            precision=precision, preferred_element_type=preferred_element_type)
+    if not _is_dense(lhs, rhs, dimension_numbers, preferred_element_type):
+        return xla(lhs, rhs)
+    return lax.platform_dependent(lhs, rhs, cpu=over_rows, default=xla)
 
 
 def over_rows(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
     """x [..., K] @ op(w), op(w) [K, N], as one `matmul` of x's rows."""
     n = w.shape[0] if transpose_w else w.shape[1]
     return matmul(x.reshape(-1, x.shape[-1]), w, False, transpose_w).reshape(*x.shape[:-1], n)
+
+
+def tied_head_logits(reference):
+    """`reference` (gpt.ops.tied_head_logits) as one `matmul` where a step is lowered for CPU."""
+
+    def logits(h_BxTxD, table_VxD):
+        if not h_BxTxD.dtype == table_VxD.dtype == jnp.float32:
+            return reference(h_BxTxD, table_VxD)
+        return lax.platform_dependent(h_BxTxD, table_VxD, default=reference,
+                                      cpu=lambda h, w: over_rows(h, w, transpose_w=True))
+
+    return logits

@@ -1,7 +1,5 @@
 """XLA compile options for the steps that do a model's dense work (train, eval, the matmul peak)."""
-import jax
-
-# XLA's CPU matmuls (those gpt/matmul.py's MKL kernel leaves to XLA: all of them without MKL)
+# XLA's CPU matmuls (those gpt/cpu/matmul.py's MKL kernel leaves to XLA: all of them without MKL)
 # on oneDNN instead of its default YNNPACK fusions: the train step ran
 # 1.11x as fast at both benchmark shapes (tools/xla_options_ab.py, one run each). Decoding's
 # matrix-vector products ran 2.6x slower on it (GPT-2 small, 10.7 against 27.7 new tokens/s,
@@ -14,6 +12,3 @@ ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
 # tiny benchmark shape, 1.01x at GPT-2 small (tools/xla_options_ab.py --variants=onednn,ours).
 CPU_COMPILER_OPTIONS = {**ONEDNN_DOTS, "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
-
-def default_compiler_options() -> dict:
-    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}

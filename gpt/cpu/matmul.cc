@@ -5,7 +5,7 @@
 //
 // op(a) is a [..., M, K] or, transposed, a [..., K, M] read as its transpose; op(b) likewise
 // [..., K, N] or [..., N, K]. Leading (batch) dimensions are equal. The sgemm comes from
-// gpt/matmul.py, which loads the BLAS and calls GptSetSgemm before the first product.
+// gpt/cpu/matmul.py, which loads the BLAS and calls GptSetSgemm before the first product.
 #include <atomic>
 #include <cstdint>
 #include <cstring>

@@ -1,13 +1,10 @@
-"""The C++ kernels behind the fused loss (cross_entropy.cc), attention (attention.cc), the
-BLAS matmul (matmul.cc) and the AdamW update (adamw.cc): XLA FFI custom calls on XLA's own CPU thread pool, compiled on first
-use with the machine's C++ compiler ($CXX, else c++) into a cache directory, one library for
-all. Without a compiler, on GPU and TPU, or with the kernel's environment variable set to 0,
-callers use XLA's ops instead.
+"""Builds the C++ kernels (cross_entropy.cc, attention.cc, matmul.cc, adamw.cc) into one library
+of XLA FFI custom calls for the CPU backend, compiled on first use with the machine's C++
+compiler ($CXX, else c++) into a cache directory. Where it cannot be built, gpt.cpu.ops()
+leaves XLA's ops in place.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import ctypes
 import functools
 import hashlib
@@ -37,7 +34,6 @@ _TARGETS = {
     "gpt_matmul": "GptMatMul",
     "gpt_adamw": "GptAdamW",
 }
-_OFF = contextvars.ContextVar("gpt_cpu_kernels_off", default=False)
 
 
 def _cache_dir() -> pathlib.Path:
@@ -92,36 +88,3 @@ def require(what: str) -> None:
     """Raises unless the kernels are built and registered."""
     if not available():
         raise RuntimeError(f"the fused {what} kernel could not be built (see the log)")
-
-
-@contextlib.contextmanager
-def off():
-    """Within it, `use(None, ...)` is False: what is traced there uses XLA's ops."""
-    token = _OFF.set(True)
-    try:
-        yield
-    finally:
-        _OFF.reset(token)
-
-
-def traced_without(fn):
-    """fn, traced with the kernels off. For programs partitioned over several devices: XLA's
-    partitioner cannot split a custom call, so it would gather each one's operands whole onto
-    every device, where its own ops stay sharded."""
-    @functools.wraps(fn)
-    def without(*args, **kwargs):
-        with off():
-            return fn(*args, **kwargs)
-    return without
-
-
-def use(fused: bool | None, variable: str, what: str) -> bool:
-    """Whether to call a kernel. fused=None: when tracing for CPU, outside `off()`, with the
-    kernels available and the environment variable not 0; True insists (an error without
-    them); False: never."""
-    if fused is None:
-        return (not _OFF.get() and os.environ.get(variable, "1") != "0"
-                and jax.default_backend() == "cpu" and available())
-    if fused:
-        require(what)
-    return fused

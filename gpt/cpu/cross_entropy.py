@@ -5,17 +5,17 @@ much as the head's three matmuls at small widths: XLA makes about six passes ove
 [tokens, vocab] matrix (max, exp, sum; then the softmax times the incoming gradient, the one-hot
 subtraction, and a transposed copy for the table's gradient). `cross_entropy.cc` reads the
 logits once forward, writing the softmax over them, and once backward, writing the gradient
-over the softmax and, for a tied head (`tied_head_cross_entropy`), its transpose. The kernels
-are built and registered by gpt/cpu_kernels.py. Without a compiler, on GPU and TPU, or with
-GPT_JAX_FUSED_CE=0 in the environment, the same functions are optax's loss under XLA's autodiff.
+over the softmax and, for a tied head (`tied_head_nll`), its transpose. `nll` and
+`tied_head_nll` wrap gpt.ops' versions, which run wherever a step is not lowered for CPU.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-import optax
 
-from gpt import cpu_kernels, matmul
+from gpt.cpu import matmul
 
 _LOSS, _FORWARD = "gpt_cross_entropy", "gpt_cross_entropy_fwd"
 _BACKWARD, _BACKWARD_T = "gpt_cross_entropy_bwd", "gpt_cross_entropy_bwd_t"
@@ -65,26 +65,26 @@ _fused.defvjp(_fused_forward, _fused_backward)
 
 
 @jax.named_scope("tied_head")
-def tied_head_logits(h_NxD, table_VxD):
-    """The table's rows contracted as stored (see GPT.logits for why not `h @ table.T`)."""
-    if matmul.usable(h_NxD.dtype, table_VxD.dtype):
+def _head_logits(h_NxD, table_VxD, mkl: bool):
+    """The table's rows contracted as stored."""
+    if mkl:
         return matmul.over_rows(h_NxD, table_VxD, transpose_w=True)
     return jnp.einsum("...d,vd->...v", h_NxD, table_VxD)
 
 
-@jax.custom_vjp
-def _fused_head(h_NxD, table_VxD, labels_N):
-    return _fused(tied_head_logits(h_NxD, table_VxD), labels_N)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fused_head(h_NxD, table_VxD, labels_N, mkl: bool):
+    return _fused(_head_logits(h_NxD, table_VxD, mkl), labels_N)
 
 
-def _fused_head_forward(h_NxD, table_VxD, labels_N):
-    nll_N, softmax_NxV = _nll_and_softmax(tied_head_logits(h_NxD, table_VxD), labels_N)
+def _fused_head_forward(h_NxD, table_VxD, labels_N, mkl):
+    nll_N, softmax_NxV = _nll_and_softmax(_head_logits(h_NxD, table_VxD, mkl), labels_N)
     return nll_N, (softmax_NxV, h_NxD, table_VxD, labels_N)
 
 
-def _fused_head_backward(residuals, g_N):
+def _fused_head_backward(mkl, residuals, g_N):
     softmax_NxV, h_NxD, table_VxD, labels_N = residuals
-    if matmul.usable(h_NxD.dtype, table_VxD.dtype):  # MKL reads the gradient transposed at speed
+    if mkl:  # MKL reads the gradient transposed at speed
         dlogits_NxV = _gradient(softmax_NxV, labels_N, g_N)
         with jax.named_scope("tied_head"):
             return (matmul.matmul(dlogits_NxV, table_VxD),
@@ -97,33 +97,36 @@ def _fused_head_backward(residuals, g_N):
 _fused_head.defvjp(_fused_head_forward, _fused_head_backward)
 
 
-def _use_fused(fused: bool | None) -> bool:
-    return cpu_kernels.use(fused, "GPT_JAX_FUSED_CE", "cross-entropy")
-
-
-def softmax_cross_entropy(logits_NxV: jax.Array, labels_N: jax.Array, *,
-                          fused: bool | None = None) -> jax.Array:
-    """-log softmax(logits)[label] per row, in float32, over the last axis (any leading shape).
-
-    fused=None uses the fused kernel when tracing for CPU, it is available and GPT_JAX_FUSED_CE
-    is not 0; True insists.
-    """
-    logits_NxV = logits_NxV.astype(jnp.float32)
+def _rows(logits_NxV, labels_N):
+    """The fused loss over any leading shape, as rows: the head's matmul makes them so, and XLA
+    then hands its buffer over uncopied."""
     labels_N = labels_N.astype(jnp.int32)
-    if not _use_fused(fused):
-        return optax.softmax_cross_entropy_with_integer_labels(logits_NxV, labels_N)
-    # As rows: the head's matmul makes them so, and XLA then hands its buffer over uncopied.
-    return _fused(logits_NxV.reshape(-1, logits_NxV.shape[-1]), labels_N.reshape(-1)
-                  ).reshape(labels_N.shape)
+    return _fused(logits_NxV.astype(jnp.float32).reshape(-1, logits_NxV.shape[-1]),
+                  labels_N.reshape(-1)).reshape(labels_N.shape)
 
 
-def tied_head_cross_entropy(h_NxD: jax.Array, table_VxD: jax.Array, labels_N: jax.Array, *,
-                            fused: bool | None = None) -> jax.Array:
-    """softmax_cross_entropy(h @ table.T, labels), any leading shape of h. Fused (float32 h
-    and table), the table's gradient reads a transpose of the logits' gradient that the
-    kernel writes while it has each tile in cache, not one XLA copies out afterwards."""
-    if not (h_NxD.dtype == table_VxD.dtype == jnp.float32 and _use_fused(fused)):
-        return softmax_cross_entropy(tied_head_logits(h_NxD, table_VxD), labels_N, fused=fused)
-    h_NxD_rows = h_NxD.reshape(-1, h_NxD.shape[-1])
-    return _fused_head(h_NxD_rows, table_VxD, labels_N.astype(jnp.int32).reshape(-1)
-                       ).reshape(labels_N.shape)
+def _tied_rows(h_NxD, table_VxD, labels_N, mkl: bool):
+    """The fused head and loss over any leading shape of h. The table's gradient reads a
+    transpose of the logits' gradient that the kernel writes while it has each tile in cache,
+    not one XLA copies out afterwards; with MKL, the head's products run on it."""
+    return _fused_head(h_NxD.reshape(-1, h_NxD.shape[-1]), table_VxD,
+                       labels_N.astype(jnp.int32).reshape(-1), mkl).reshape(labels_N.shape)
+
+
+def nll(reference):
+    """`reference` (gpt.ops.nll) as the fused kernel where a step is lowered for CPU."""
+    return lambda logits, labels: jax.lax.platform_dependent(
+        logits, labels, cpu=_rows, default=reference)
+
+
+def tied_head_nll(reference, mkl: bool):
+    """`reference` (gpt.ops.tied_head_nll) as the fused head and loss where a step is lowered
+    for CPU in float32; `mkl`: the head's products on MKL (matmul.loaded())."""
+
+    def head_nll(h_NxD, table_VxD, labels_N):
+        if not h_NxD.dtype == table_VxD.dtype == jnp.float32:
+            return reference(h_NxD, table_VxD, labels_N)
+        return jax.lax.platform_dependent(h_NxD, table_VxD, labels_N, default=reference,
+                                          cpu=functools.partial(_tied_rows, mkl=mkl))
+
+    return head_nll

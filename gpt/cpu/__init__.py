@@ -1,0 +1,33 @@
+"""Optional speed for the CPU backend: C++ kernels over XLA FFI (attention, the tied head and its
+loss, MKL's matmul for the dense layers, the AdamW update) and XLA CPU compiler options.
+
+Nothing else in gpt/ imports this package: programs ask it for `ops()`, a gpt.ops bundle whose
+members run the kernels where a step is lowered for CPU (jax.lax.platform_dependent) and XLA's
+reference ops wherever else the same step is lowered. Without it, or where the kernels cannot be
+built, the reference ops run everywhere: slower on CPU, the same numbers to rounding.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from gpt.cpu import adamw, attention, build, cross_entropy, matmul
+from gpt.cpu.compiler import CPU_COMPILER_OPTIONS
+from gpt.ops import REFERENCE, Ops
+
+__all__ = ["CPU_COMPILER_OPTIONS", "ops"]
+
+
+def ops(base: Ops = REFERENCE) -> Ops:
+    """`base` with the kernels that can run here; `base` itself where none can be built."""
+    if not build.available():
+        return base
+    kernels = dict(
+        causal_attention=attention.causal_attention(base.causal_attention),
+        cached_attention=attention.cached_attention(base.cached_attention),
+        nll=cross_entropy.nll(base.nll),
+        tied_head_nll=cross_entropy.tied_head_nll(base.tied_head_nll, mkl=matmul.loaded()),
+        adamw=adamw.adamw)
+    if matmul.loaded():
+        kernels.update(dot_general=matmul.dot_general,
+                       tied_head_logits=matmul.tied_head_logits(base.tied_head_logits))
+    return dataclasses.replace(base, **kernels)
