@@ -20,7 +20,7 @@ import pytest
 from experiments import common, loop
 from gpt import sampling
 from gpt.checkpoint import CHECKSUMS, Checkpointer, NoReadableCheckpoint, SaveFailed
-from gpt.config import ConfigError, validate
+from gpt.config import ConfigError, resume_changes, validate
 from tests.helpers import ROOT, batches, model_and_state, run, tiny_config
 
 
@@ -218,6 +218,13 @@ def test_resume_refuses_an_edited_corpus_and_a_failed_write_keeps_the_checkpoint
 def test_bad_values_are_refused_before_compiling(key, value):
     with pytest.raises(ConfigError, match=rf"^{key}={value!r} is not allowed: "):
         validate(tiny_config(**{key: value}))
+
+
+def test_weight_decay_and_b2_may_change_on_resume():
+    """Neither changes the saved state's shapes nor the data order: a resume may change them."""
+    saved = tiny_config(**{"optim.weight_decay": 0.01, "optim.b2": 0.999}).to_dict()
+    changed = tiny_config(**{"optim.weight_decay": 0.1, "optim.b2": 0.95}).to_dict()
+    assert resume_changes(saved, changed) == ({}, {"optim.b2": (0.999, 0.95), "optim.weight_decay": (0.01, 0.1)})
 
 
 def test_infinite_temperature_is_refused():
