@@ -23,12 +23,24 @@ $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(PY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-# Trains GPT-1 tiny (post-LN, bytes) on CPython's documentation text, then prints the result.
+# Trains GPT-1 tiny (post-LN, bytes) on CPython's documentation text, then prints the result,
+# plots the losses and says what to try next.
 demo: setup
 	rm -rf $(DEMO_DIR)
 	$(HUGE_PAGES) $(PY) -m experiments.train --config=configs/gpt1.py:tiny --workdir=$(DEMO_DIR)
 	$(PY) -m experiments.sample --workdir=$(DEMO_DIR) --prompt="The with statement" \
 		--max_new_tokens=100 --temperature=0.8 --top_k=40
+	$(PY) -m experiments.plot --workdir=$(DEMO_DIR)
+	@echo
+	@echo "The run is in $(DEMO_DIR): config.json, metrics.jsonl, loss.png, tensorboard/, checkpoints/."
+	@echo "Next:"
+	@echo "  GPT-2's pre-LN block on the same data:"
+	@echo "    $(PY) -m experiments.train --config=configs/gpt2.py:tiny --workdir=runs/gpt2_tiny"
+	@echo "  both runs on one plot:"
+	@echo "    $(PY) -m experiments.plot --workdir=$(DEMO_DIR) runs/gpt2_tiny"
+	@echo "  watch runs live in TensorBoard (make setup-dev installs it):"
+	@echo "    $(VENV)/bin/tensorboard --logdir=runs"
+	@echo "  every program's flags: $(PY) -m experiments.train --help"
 
 # Runs a sweep and its report (default: pre- vs post-LN, 15-30 min on 2 CPU cores); rerun to resume.
 SWEEP ?= configs/sweeps/norm_placement.py:tiny
@@ -62,5 +74,6 @@ bench-gpu: setup
 lint: setup-dev
 	$(VENV)/bin/ruff check gpt experiments configs tests tools
 
+# The virtualenv and the prepared corpora; never runs/, which holds your runs.
 clean:
-	rm -rf $(VENV) runs data
+	rm -rf $(VENV) data

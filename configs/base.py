@@ -17,7 +17,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.tokenizer = "bytes"  # bytes | gpt2 | bpe
     c.data.bpe_merges = 40000  # bpe only: merges learned on the corpus (GPT-1 used 40,000)
     c.data.bpe_train_chars = 100_000_000  # bpe only: learned from train's first N characters; 0 = all
-    c.data.data_dir = ""  # "" = ./data
+    c.data.data_dir = ""  # prepared corpora and learned tokenizers; "" = ./data, and TFDS
+    # datasets in TFDS's own data dir ($TFDS_DATA_DIR, else ~/tensorflow_datasets)
     c.data.batch_size = 8  # global, over all devices and hosts
     c.data.seq_len = 128
     c.data.num_workers = 0  # processes tokenizing train in parallel; 0 = in the main process. Same
@@ -36,11 +37,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0  # global norm; 0 disables
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 1000
+    c.train.steps = 1000  # the lr schedule spans them: raising it on resume re-stretches the schedule
     c.train.epochs = 0.0  # > 0 sets steps from the corpus size (GPT-1: 100 epochs)
     c.train.grad_accum_steps = 1
-    c.train.log_every = 50
-    c.train.eval_every = 500
+    c.train.log_every = 50  # train metrics are means over the steps since the last log
+    c.train.eval_every = 500  # and at the last step (the only evaluation if it exceeds steps)
     c.train.eval_steps = 20
     c.train.ckpt_every = 1000
     c.train.keep_ckpts = 3
@@ -54,5 +55,6 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.distributed = False  # True: jax.distributed.initialize() first (multi-host)
     c.train.num_processes = 0  # distributed by hand: with JAX_COORDINATOR_ADDRESS; 0 = detect
     c.train.process_id = 0
-    c.train.peak_flops = 0.0  # per device, for MFU; 0 = measure a matmul at start-up
+    c.train.peak_flops = 0.0  # per device, for MFU; 0 = the datasheet's (known GPUs and TPUs), else measured
+    c.train.wandb = ""  # also log to this Weights & Biases project; "" = off (needs: pip install wandb)
     return c

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
+import re
 import sys
 import time
 import traceback
@@ -26,19 +28,51 @@ def last_line(e: BaseException) -> str:
 
 
 def unknown_override(e: BaseException, argv) -> str:
-    key = str(e).strip("\"' ")
+    """ml_collections' KeyError (sometimes wrapped in an AttributeError) names the missing
+    component in quotes, then 'Did you mean "x"'; turn it into one line naming the override."""
+    while e.args and isinstance(e.args[0], BaseException):
+        e = e.args[0]
+    text = str(e.args[0]) if e.args else str(e)
+    missing = re.match(r"'([^']+)'", text)
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
     for arg in argv:
         path = arg.split("=", 1)[0]
-        if path.startswith("--config.") and path.split(".")[-1] == key:
-            return f"{path}: the config has no such key (see the config file for the keys it has)"
-    return f"--config override: the config has no key {key!r}"
+        parts = path.removeprefix("--config.").split(".")
+        if not path.startswith("--config.") or missing is None or missing[1] not in parts:
+            continue
+        if suggestion is None:
+            return f"{path}: no such key (the config file lists its keys)"
+        parts[parts.index(missing[1])] = suggestion[1]
+        return f"{path}: no such key; did you mean {'.'.join(parts)}?"
+    return f"--config override: {text.splitlines()[-1] if text.strip() else type(e).__name__}"
+
+
+HELP_FLAGS = ("--help", "-h", "-?", "--helpshort", "--helpfull")
+
+
+def print_help(full: bool) -> None:
+    """absl's help: the program's docstring and flags (--helpfull: every library's flags too)."""
+    from absl import app
+
+    app.usage(shorthelp=not full, writeto_stdout=True)
+    if not full:
+        print(flags.FLAGS.module_help(sys.modules[__name__]))
+        if "config" in flags.FLAGS:
+            print("\nAny config key can be overridden: --config.SECTION.KEY=VALUE (the config file lists them).")
+        print("Try --helpfull to list every library's flags too.")
 
 
 def run_program(main) -> None:
     """Parses flags and runs `main(argv)`. A user's mistake ends in one `error: ...` line and
     exit status 2; --verbose shows the traceback and the libraries' logs (orbax and tfds
-    log every file they touch, and warn about their own internals)."""
+    log every file they touch, and warn about their own internals). --help, -h and
+    --helpfull print the flags and exit 0."""
     sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file or a sweep as it happens
+    args = sys.argv[1:sys.argv.index("--")] if "--" in sys.argv else sys.argv[1:]
+    asked = [arg for arg in args if arg in HELP_FLAGS]
+    if asked:
+        print_help(full="--helpfull" in asked)
+        sys.exit(0)
     argv = sys.argv
     try:
         argv = flags.FLAGS(sys.argv)
@@ -138,6 +172,9 @@ def kernels(config):
         from gpt import cpu
     except ImportError:
         return REFERENCE, {}
+    if jax.default_backend() == "cpu" and not cpu.build.library_path().exists():
+        print(f"compiling the C++ CPU kernels (once per machine, about a minute; cached in "
+              f"{cpu.build.library_path().parent})")
     options = dict(cpu.CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
     return cpu.ops(), options
 
@@ -204,56 +241,99 @@ def _logged_lines(path: str, up_to_step: int) -> list[str]:
 
 
 class MetricWriter:
-    """metrics.jsonl (one object per logged step) plus a TensorBoard event file, both written
-    and flushed in the calling thread at every step: a killed run keeps every point it
-    logged, and a failed write (a full disk) raises OSError here. (tensorboardX's
-    SummaryWriter writes from a thread; when that thread dies of a full disk, the next
-    writes wait on its queue forever.)
+    """metrics.jsonl (one object per logged step, with the wall-clock time and the seconds
+    the run has trained so far), TensorBoard event files flushed at every row (so they can be
+    watched, and survive a kill), and optionally a Weights & Biases run (`wandb_project`).
+    Both files are written in the calling thread, so a failed write (a full disk) raises
+    OSError here, as one line that says what is kept.
 
     On resume, lines past the restored step (written after the last checkpoint by the
-    interrupted run) are dropped so the log reads as one uninterrupted run."""
+    interrupted run) are dropped so the log reads as one uninterrupted run, and the elapsed
+    seconds continue from the last kept line."""
 
-    def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True):
-        from tensorboardX.event_file_writer import EventsWriter
-
+    def __init__(self, workdir: str, resume_step: int = 0, enabled: bool = True,
+                 wandb_project: str = "", config: dict | None = None):
         self.enabled = enabled
         if not enabled:  # another process of a multi-host run writes the logs
             return
         self.path = os.path.join(workdir, "metrics.jsonl")
         kept = _logged_lines(self.path, resume_step)
-        with self._writing(workdir):
+        with self._writing():
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(self.path + ".tmp", self.path)
             self.jsonl = open(self.path, "a")
-            os.makedirs(os.path.join(workdir, "tensorboard"), exist_ok=True)
-            self.events = EventsWriter(os.path.join(workdir, "tensorboard", "events"), f".{os.getpid()}")
+            self.tb = _EventFile(os.path.join(workdir, "tensorboard"))
+        self.start = time.monotonic() - (json.loads(kept[-1]).get("elapsed_s", 0.0) if kept else 0.0)
+        self.wandb = _wandb_run(wandb_project, workdir, config) if wandb_project else None
 
-    @staticmethod
     @contextlib.contextmanager
-    def _writing(where: str):
+    def _writing(self):
         try:
             yield
         except OSError as e:
-            raise OSError(f"cannot write the metrics in {where} ({e.strerror or e}); the "
-                          "checkpoints saved so far are kept: rerun the command to resume") from None
+            raise OSError(f"cannot write the metrics in {os.path.dirname(self.path)} ({e.strerror or e}); "
+                          "the checkpoints saved so far are kept: rerun the command to resume") from None
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        when = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "elapsed_s": round(time.monotonic() - self.start, 3)}
+        with self._writing():
+            self.jsonl.write(json.dumps({"step": step, **metrics, **when}) + "\n")
+            self.jsonl.flush()
+            self.tb.write(step, metrics)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        with self._writing():
+            self.jsonl.close()
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class _EventFile:
+    """TensorBoard scalars, on disk when `write` returns: tensorboardX's SummaryWriter hands
+    events to a background thread, and its flush() does not wait for them."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        self.events = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")  # one file per run
 
     def write(self, step: int, metrics: dict) -> None:
         from tensorboardX.proto.event_pb2 import Event
         from tensorboardX.summary import scalar
 
-        if not self.enabled:
-            return
-        with self._writing(os.path.dirname(self.path)):
-            self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-            self.jsonl.flush()
-            for key, value in metrics.items():
-                self.events.write_event(Event(wall_time=time.time(), step=step, summary=scalar(key, value)))
-            self.events.flush()
+        for key, value in metrics.items():
+            self.events.write_event(Event(wall_time=time.time(), step=step, summary=scalar(key, value)))
+        self.events.flush()
 
     def close(self) -> None:
-        if not self.enabled:
-            return
-        with self._writing(os.path.dirname(self.path)):
-            self.jsonl.close()
-            self.events.close()
+        self.events.close()
+
+
+def _wandb_run(project: str, workdir: str, config: dict | None):
+    """A Weights & Biases run named after the workdir; a resumed run continues the same W&B
+    run (its id is kept in the workdir). wandb is optional: imported only when asked for."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"train.wandb={project!r} needs the wandb package: "
+                         "pip install -r requirements-dev.txt (or pip install wandb)") from None
+    id_path = os.path.join(workdir, "wandb_id")
+    run_id = None
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    run = wandb.init(project=project, dir=workdir, name=os.path.basename(workdir), id=run_id,
+                     resume="allow", config=config)
+    with open(id_path, "w") as f:
+        f.write(run.id)
+    return run

@@ -23,8 +23,7 @@ from tqdm import tqdm
 from experiments import common
 from gpt import flops
 from gpt.checkpoint import Checkpointer
-from gpt.config import resume_changes
-from gpt.config import ConfigError
+from gpt.config import ConfigError, resume_changes
 from gpt.optim import make_optimizer
 from gpt.parallel import make_mesh, make_steps
 from gpt.train_step import Evaluate, Loss, create_state, lm_evaluate, lm_loss
@@ -120,6 +119,10 @@ def _resume(ckpt: Checkpointer, state, train_iter, recorded: dict, workdir: str)
             key, (old, new) = next(iter(unsafe.items()))
             raise ConfigError(key, f"the checkpoints in {workdir} were made with {key}={old!r}; "
                                    f"resume with the same value or use a new --workdir", new)
+        if "train.steps" in safe:
+            old, new = safe["train.steps"]
+            _log(f"train.steps {old} -> {new}: the learning-rate schedule is stretched over "
+                 f"{new} steps, so from here on it differs from the saved run's")
     # When none is readable this raises and changes nothing: starting afresh would replace
     # the run's history with another data stream's.
     restored, step, unreadable = ckpt.restore_latest_valid(state, train_iter)
@@ -152,6 +155,50 @@ def num_devices_and_mesh(config):
     return num_devices, mesh
 
 
+class _Interval:
+    """The train metrics of each step since the last log step, which the log reports as means
+    (the loss of one batch is noisy), and the lr and the last batch's loss as they stand. Saved
+    beside a checkpoint taken between log steps, so that a resumed run logs the same means."""
+
+    def __init__(self, workdir: str, resume_step: int):
+        self.path = os.path.join(workdir, "log_interval.json")
+        self.rows = []
+        if resume_step and os.path.exists(self.path):
+            with open(self.path) as f:
+                saved = json.load(f)
+            if saved["step"] == resume_step:
+                self.rows = saved["rows"]
+
+    def add(self, metrics: dict) -> None:
+        self.rows.append(metrics)
+
+    def save(self, step: int) -> None:
+        self.rows = jax.device_get(self.rows)
+        if jax.process_index() == 0:
+            rows = [{k: float(v) for k, v in r.items()} for r in self.rows]
+            common.write_json_atomic(self.path, {"step": step, "rows": rows})
+
+    def means(self) -> dict:
+        """{"train/loss": mean over the interval, ...}, skipped (non-finite) steps left out."""
+        rows = [{k: float(v) for k, v in r.items()} for r in jax.device_get(self.rows)]
+        self.rows = []
+        kept = [r for r in rows if not r.get("skipped")] or rows
+        means = {f"train/{k}": float(np.mean([r[k] for r in kept])) for k in kept[-1]
+                 if k not in ("lr", "skipped")}
+        return {**means, "train/lr": rows[-1]["lr"], "train/last_batch_loss": rows[-1]["loss"]}
+
+
+def _header(config, num_devices: int, dtype: str, peak: float, peak_source: str, workdir: str) -> str:
+    """What a run is about to do, and where it writes: the second line of every run's log."""
+    devices = jax.devices()
+    t = config.train
+    return (f"{num_devices} of {len(devices)} {devices[0].platform} device(s) "
+            f"({devices[0].device_kind}), {t.parallelism} | compute {dtype} | "
+            f"peak {peak:.3g} FLOP/s per device ({peak_source}) | log every {t.log_every} steps "
+            f"(train metrics: means over the interval), evaluate every {t.eval_every} and at the "
+            f"last step | writing to {workdir}")
+
+
 def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
     """The training loop: resume, train, log, evaluate, checkpoint, stop on SIGTERM. The
     caller has checked `workdir` (common.prepare_workdir) before any data work."""
@@ -177,16 +224,20 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
 
     n_params = flops.count_params(state.params)
     flops_per_tok = flops.flops_per_token(model_cfg, n_params, job.seq_len)
-    peak = (config.train.peak_flops or flops.measure_matmul_flops(
-        ops=job.model.ops, compiler_options=compiler_options)) * num_devices
+    peak_per_device, peak_source = flops.peak_flops(model_cfg.dtype, config.train.peak_flops,
+                                                    job.model.ops, compiler_options)
+    peak = peak_per_device * num_devices
     tokens_per_step = job.tokens_per_step
-    writer = common.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0)
+    writer = common.MetricWriter(workdir, resume_step=start_step, enabled=jax.process_index() == 0,
+                                 wandb_project=config.train.wandb, config=config.to_dict())
     _log(f"{n_params:,} parameters | {flops_per_tok / 1e6:.1f} MFLOPs/token | "
                f"{total_steps:,} steps of {tokens_per_step:,} tokens | "
                f"{job.origin if resumed_step is None else f'resuming from step {resumed_step}'}")
+    _log(_header(config, num_devices, model_cfg.dtype, peak_per_device, peak_source, workdir))
 
     device_state = steps.put_state(state)
     last = {}
+    interval = _Interval(workdir, start_step)  # the train metrics of the steps since the last log
     bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0)
     timer_step, timer = start_step, None
@@ -198,11 +249,13 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
         cleanup.callback(bar.close)
         for step in range(start_step + 1, total_steps + 1):
             device_state, metrics = steps.train(device_state, steps.put_batch(next(train_iter)))
+            interval.add(metrics)
             if timer is None:  # exclude compilation from the throughput
                 jax.block_until_ready(metrics)
                 timer_step, timer = step, time.perf_counter()
             bar.update(1)
             is_log = step % config.train.log_every == 0 or step == total_steps
+            is_eval = step % config.train.eval_every == 0 or step == total_steps
             preempted = preemption.received  # read once: a signal may land mid-iteration
             is_ckpt = step % config.train.ckpt_every == 0 or step == total_steps or preempted
             if (is_log or is_ckpt) and not config.train.skip_nonfinite:
@@ -213,26 +266,35 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
                     raise Diverged(f"non-finite loss or gradient at step {step}; last good checkpoint: "
                                    f"step {ckpt.latest_step() or 'none'} in {workdir}")
 
+            row = {}
             if is_log:
-                metrics = jax.device_get(metrics)
                 elapsed = time.perf_counter() - timer
                 tokens_per_s = (step - timer_step) * tokens_per_step / elapsed if step > timer_step else 0.0
-                last = {"train/loss": float(metrics["loss"]), "train/lr": float(metrics["lr"]),
-                        "train/grad_norm": float(metrics["grad_norm"]),
-                        "train/tokens_per_s": tokens_per_s,
-                        "train/mfu": flops.mfu(tokens_per_s, flops_per_tok, peak),
-                        **{f"train/{k}": float(v) for k, v in metrics.items()  # the objective's own terms
-                           if k not in ("loss", "lr", "grad_norm", "skipped")}}
-                if step % config.train.eval_every == 0 or step == total_steps:
-                    last.update(evaluate(steps, device_state, eval_batches, job.summarize))
-                writer.write(step, last)
-                bar.set_postfix(loss=f"{last['train/loss']:.3f}", tok_s=f"{tokens_per_s:,.0f}")
-                _log(f"step {step:>7} | " + " | ".join(f"{k} {v:.4g}" for k, v in last.items()))
+                achieved = tokens_per_s * flops_per_tok
+                if achieved > peak:
+                    _log(f"warning: the train step ran at {achieved:.3g} FLOP/s, above the peak "
+                         f"{peak:.3g} ({peak_source}); MFU is measured against this rate from here on")
+                    peak, peak_source = achieved, "the fastest train step"
+                row = {**interval.means(), "train/tokens_per_s": tokens_per_s,
+                       "train/mfu": achieved / peak, "train/peak_flops_per_device": peak / num_devices}
+            if is_eval:
+                eval_start = time.perf_counter()
+                row.update(evaluate(steps, device_state, eval_batches, job.summarize))
+                if timer is not None:  # evaluation is not training time
+                    timer += time.perf_counter() - eval_start
+            if row:
+                last.update(row)
+                writer.write(step, row)
+                bar.set_postfix(loss=f"{last.get('train/loss', float('nan')):.3f}",
+                                tok_s=f"{last.get('train/tokens_per_s', 0.0):,.0f}")
+                _log(f"step {step:>7} | " + " | ".join(f"{k} {v:.4g}" for k, v in row.items()))
+            if is_log:
                 timer_step, timer = step, time.perf_counter()
 
             if is_ckpt:
                 ckpt.save(step, steps.host_state(device_state), train_iter, recorded,
-                          metrics=last if is_log else None)
+                          metrics=last if is_eval else None)
+                interval.save(step)
             if preempted:
                 ckpt.finish()
                 _log(f"{preempted}: saved a checkpoint at step {step}; rerun the command to resume")

@@ -173,7 +173,7 @@ def validate(config, num_devices: int = 1) -> GPTConfig:
 # data order. Everything else must match the checkpoint's config.
 RESUME_SAFE = (
     "train.steps", "train.epochs", "train.log_every", "train.eval_every", "train.eval_steps",
-    "train.ckpt_every", "train.keep_ckpts", "train.keep_best", "train.peak_flops",
+    "train.ckpt_every", "train.keep_ckpts", "train.keep_best", "train.peak_flops", "train.wandb",
     "train.parallelism", "train.mesh.data", "train.mesh.fsdp", "train.grad_accum_steps",
     "train.skip_nonfinite", "train.poison_step", "train.distributed", "train.num_processes",
     "train.process_id", "train.kernels",

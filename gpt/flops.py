@@ -34,16 +34,59 @@ def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:
     return 6 * matmul_params(cfg, n_params) + 12 * cfg.n_layer * seq_len * cfg.d_model
 
 
+# Published dense (no sparsity) peak FLOP/s per chip, by a part of jax's `device_kind`, the
+# most specific first: (name, 16-bit, float32). float32 matmuls run as TF32 on NVIDIA tensor
+# cores and as one bfloat16 pass on TPU at XLA's default precision, so those are their peaks.
+# Sources: NVIDIA's A100, H100/H200 and HGX B200 datasheets; Google Cloud's TPU system pages.
+DATASHEET_PEAKS = (
+    ("H100 PCIe", 756e12, 378e12),
+    ("H100 NVL", 835e12, 418e12),
+    ("H200 NVL", 835e12, 418e12),
+    ("H100", 989e12, 495e12),  # SXM
+    ("H200", 989e12, 495e12),  # SXM, and GH200
+    ("B200", 2.25e15, 1.1e15),
+    ("A100", 312e12, 156e12),
+    ("TPU v4", 275e12, 275e12),
+    ("TPU v5 lite", 197e12, 197e12),  # v5e
+    ("TPU v5e", 197e12, 197e12),
+    ("TPU v5", 459e12, 459e12),  # v5p
+    ("TPU v6 lite", 918e12, 918e12),  # v6e (Trillium)
+    ("TPU v6e", 918e12, 918e12),
+)
+
+
+def datasheet_peak(device_kind: str, dtype: str) -> float | None:
+    """The published dense peak of one chip for matmuls in `dtype`; None if not in the table."""
+    for name, half, single in DATASHEET_PEAKS:
+        if name.lower() in device_kind.lower():
+            return single if dtype == "float32" else half
+    return None
+
+
+def peak_flops(dtype: str, configured: float = 0.0, ops: Ops = REFERENCE,
+               compiler_options: dict | None = None) -> tuple[float, str]:
+    """(per-device peak FLOP/s, where it comes from): the configured value, else the device's
+    datasheet, else the fastest of several square matmuls in `dtype` measured now (a CPU has
+    no datasheet figure that its matmuls reach)."""
+    if configured:
+        return configured, "train.peak_flops"
+    kind = jax.devices()[0].device_kind
+    peak = datasheet_peak(kind, dtype)
+    if peak is not None:
+        return peak, f"{kind} datasheet, dense {dtype}"
+    return (measure_matmul_flops(dtype=dtype, ops=ops, compiler_options=compiler_options),
+            f"fastest {dtype} matmul measured on {kind} at start-up")
+
+
 def mfu(tokens_per_s: float, flops_per_tok: float, peak_flops: float) -> float:
     return tokens_per_s * flops_per_tok / peak_flops
 
 
 def measure_matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32, ops: Ops = REFERENCE,
                          compiler_options: dict | None = None) -> float:
-    """Achieved FLOP/s of one square matmul on the default device, the fastest of XLA's
-    default kernels and the train step's products (its ops' dot_general under its compiler
-    options): the MFU denominator where no datasheet peak is configured (honest on a CPU,
-    where none applies)."""
+    """Achieved FLOP/s of one square matmul on the default device, the fastest of `repeats`
+    runs of XLA's default kernels and the train step's products (its ops' dot_general under
+    its compiler options): the MFU denominator where no datasheet peak applies."""
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     product = lambda x: ops.dot_general(x, x, (((1,), (0,)), ((), ())))  # noqa: E731
     candidates = [jax.jit(lambda x: x @ x), jax.jit(product, compiler_options=compiler_options)]

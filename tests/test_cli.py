@@ -48,6 +48,7 @@ def test_rerun_resumes_and_continues(trained):
     more = run("experiments.train", *[a for a in args if "train.steps" not in a], "--config.train.steps=175")
     assert more.returncode == 0, more.stderr[-3000:]
     assert "resuming from step 150" in more.stdout + more.stderr
+    assert "train.steps 150 -> 175: the learning-rate schedule is stretched" in more.stdout
     steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
     assert steps == [25, 50, 75, 100, 125, 150, 175]
 
@@ -58,7 +59,9 @@ def test_rerun_resumes_and_continues(trained):
     ("--config.train.parallelism=tpu", "train.parallelism"),
     ("--config.data.seq_len=4096", "data.seq_len"),
     ("--config.data.name=nope", "data.name"),
-    ("--config.model.nope=1", "--config.model.nope"),
+    ("--config.model.nope=1", "--config.model.nope: no such key"),
+    ("--config.model.n_heads=4", "--config.model.n_heads: no such key; did you mean model.n_head?"),
+    ("--config.trian.steps=4", "--config.trian.steps: no such key; did you mean train.steps?"),
     ("--config.train.steps=many", "--config.train.steps"),
     ("--config.train.steps=0", "train.steps"),
     ("--config.train.grad_accum_steps=3", "data.batch_size"),  # 64 sequences do not split 3 ways
@@ -93,3 +96,44 @@ def test_summary_prints_exact_counts():
     assert result.returncode == 0, result.stderr
     assert "1,557,611,200" in result.stdout and "matches" in result.stdout
     assert "25" in result.stdout.split("layers / d_model / heads")[1].splitlines()[0]
+
+
+PROGRAMS = ["train", "evaluate", "sample", "finetune", "sweep", "convert", "bench", "summary", "plot"]
+
+# Each program run as `python -m experiments.X -h` would run it, in one interpreter so that
+# the libraries are imported once; the flags a program defined are dropped before the next.
+_HELP_ALL = """
+import runpy, sys
+from absl import flags
+from experiments import common
+before = set(flags.FLAGS)
+for name, arg in [(f"experiments.{p}", a) for p, a in zip(sys.argv[1::2], sys.argv[2::2])]:
+    sys.argv = [name, arg]
+    print(f"=== {name} {arg}", flush=True)
+    try:
+        runpy.run_module(name, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        print(f"=== exit {e.code}", flush=True)
+    for flag in set(flags.FLAGS) - before:
+        delattr(flags.FLAGS, flag)
+"""
+
+
+def test_every_program_answers_help_with_its_flags():
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    asked = [(p, "--help") for p in PROGRAMS] + [("sample", "-h"), ("train", "--helpfull")]
+    result = subprocess.run([sys.executable, "-c", _HELP_ALL, *[x for pair in asked for x in pair]],
+                            cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    sections = result.stdout.split("=== experiments.")[1:]
+    assert len(sections) == len(asked), result.stdout[-3000:]
+    for (program, flag), text in zip(asked, sections):
+        assert text.startswith(f"{program} {flag}") and text.rstrip().endswith("=== exit 0"), text[-1000:]
+        assert "verbose: Show full tracebacks" in text and f"python -m experiments.{program}" in text, text[:1000]
+    assert "--workdir" in sections[0] and "--config.SECTION.KEY=VALUE" in sections[0]
+    assert "--prompt" in sections[-2]
+    assert "logtostderr:" in sections[-1] and "logtostderr:" not in sections[0]  # the libraries' flags

@@ -41,14 +41,23 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(root) / "gpt-jax"
 
 
+def library_path() -> pathlib.Path:
+    """Where the kernels' library is cached: one file per source, jaxlib version and compiler."""
+    texts = [path.read_text() for path in _SOURCES + _HEADERS]
+    key = hashlib.sha256("\0".join([*texts, jaxlib.__version__, _compiler(), *_FLAGS])
+                         .encode()).hexdigest()[:16]
+    return _cache_dir() / f"gpt_kernels-{key}.so"
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
+
+
 def build() -> pathlib.Path:
     """Compiles the kernels once per source, jaxlib version and compiler; concurrent builders
     each write a temporary file and the last rename wins."""
-    compiler = os.environ.get("CXX", "c++")
-    texts = [path.read_text() for path in _SOURCES + _HEADERS]
-    key = hashlib.sha256("\0".join([*texts, jaxlib.__version__, compiler, *_FLAGS])
-                         .encode()).hexdigest()[:16]
-    library = _cache_dir() / f"gpt_kernels-{key}.so"
+    compiler = _compiler()
+    library = library_path()
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         fd, partial = tempfile.mkstemp(dir=library.parent, suffix=".so.partial")
