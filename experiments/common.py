@@ -1,6 +1,7 @@
 """What every program shares: the error contract, the workdir and the metric writers."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -81,6 +82,9 @@ def run_program(main) -> None:
         _fail(last_line(e))
     if not VERBOSE.value:
         logging.set_verbosity(logging.ERROR)
+        # orbax logs a traceback for each failure it then raises (four for one full disk):
+        # the raised error reaches the user as one line.
+        logging.get_absl_logger().addFilter(lambda record: "/orbax/" not in record.pathname)
     try:
         main(argv)
     except (ValueError, OSError) as e:
@@ -113,7 +117,36 @@ def prepare_workdir(workdir: str) -> str:
         os.remove(probe)
     except OSError as e:
         raise OSError(f"--workdir={workdir} is not a writable directory ({e.strerror})") from None
+    _lock(workdir)
     return workdir
+
+
+_HELD_LOCKS = {}  # workdir -> the open lock file: the lock lasts as long as this process
+
+
+def _lock(workdir: str) -> None:
+    """One program at a time per workdir: two runs would write over each other's checkpoints
+    and metrics. flock is released by the kernel when the holder dies, however it dies, so a
+    lock is never stale. Only process 0 of a multi-host run locks (they share the workdir)."""
+    import fcntl
+
+    import jax
+
+    if jax.process_index() != 0 or workdir in _HELD_LOCKS:
+        return
+    lock_file = open(os.path.join(workdir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        raise OSError(f"--workdir={workdir} is in use by another program (process {holder}); "
+                      "wait for it to end or use another --workdir") from None
+    lock_file.truncate(0)
+    lock_file.write(str(os.getpid()))
+    lock_file.flush()
+    _HELD_LOCKS[workdir] = lock_file
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -158,12 +191,13 @@ def kernels(config):
 
 
 def load_run(workdir: str, step: int | None = None):
-    """The resolved config, model and parameters of a training run's checkpoint (latest by
-    default): what sampling, evaluation and fine-tuning start from."""
+    """The resolved config, model and parameters of a training run's checkpoint (by default
+    the newest readable one, as a resumed run picks, with a `warning:` line for each newer
+    unreadable one, left where it is): what sampling, evaluation and fine-tuning start from."""
     import jax
     import ml_collections
 
-    from gpt.checkpoint import Checkpointer
+    from gpt.checkpoint import Checkpointer, Unreadable
     from gpt.config import model_config
     from gpt.model import GPT
     from gpt.optim import make_optimizer
@@ -175,22 +209,54 @@ def load_run(workdir: str, step: int | None = None):
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    step = step if step is not None else ckpt.latest_step()
-    if step is None or step not in ckpt.manager.all_steps():
+    if step is not None and step not in ckpt.all_steps() or not ckpt.all_steps():
         raise FileNotFoundError(f"--workdir={workdir}: no checkpoint for step {step} "
-                                f"(have: {sorted(ckpt.manager.all_steps()) or 'none'})")
+                                f"(have: {ckpt.all_steps() or 'none'})")
     model = GPT(model_config(config), kernels(config)[0])
     tx, _ = make_optimizer(config.optim, config.train.steps)
     abstract = jax.eval_shape(lambda: create_state(model, tx, config.train.seed, config.data.seq_len))
-    params = ckpt.restore(step, abstract).params
-    ckpt.close()
-    return config, model, params
+    try:
+        if step is None:
+            state, step, unreadable = ckpt.restore_latest_valid(abstract, move_aside=False)
+            for bad_step, reason, _ in unreadable:
+                to_stderr(f"warning: checkpoint at step {bad_step} is unreadable ({reason}); "
+                          f"using step {step}")
+        else:
+            state = ckpt.restore(step, abstract)
+    except Unreadable as e:
+        raise OSError(f"--workdir={workdir}: the checkpoint at step {step} is unreadable ({e})") from None
+    finally:
+        ckpt.close()
+    return config, model, state.params
+
+
+def _logged_lines(path: str, up_to_step: int) -> list[str]:
+    """The lines of metrics.jsonl at steps <= `up_to_step`; a last line cut short by a kill
+    mid-write is dropped, any other line that is not JSON is an error."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        lines = [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number} is not a JSON object with a \"step\"; "
+                             "remove the line to resume") from None
+        if step <= up_to_step:
+            kept.append(line)
+    return kept
 
 
 class MetricWriter:
     """metrics.jsonl (one object per logged step, with the wall-clock time and the seconds
     the run has trained so far), TensorBoard event files flushed at every row (so they can be
     watched, and survive a kill), and optionally a Weights & Biases run (`wandb_project`).
+    Both files are written in the calling thread, so a failed write (a full disk) raises
+    OSError here, as one line that says what is kept.
 
     On resume, lines past the restored step (written after the last checkpoint by the
     interrupted run) are dropped so the log reads as one uninterrupted run, and the elapsed
@@ -202,35 +268,42 @@ class MetricWriter:
         if not enabled:  # another process of a multi-host run writes the logs
             return
         self.path = os.path.join(workdir, "metrics.jsonl")
-        kept = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [json.loads(line) for line in f if line.strip()]
-            kept = [row for row in kept if row["step"] <= resume_step]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in kept)
-        os.replace(self.path + ".tmp", self.path)
-        self.start = time.monotonic() - (kept[-1].get("elapsed_s", 0.0) if kept else 0.0)
-        self.jsonl = open(self.path, "a")
-        self.tb = _EventFile(os.path.join(workdir, "tensorboard"))
+        kept = _logged_lines(self.path, resume_step)
+        with self._writing():
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
+            self.jsonl = open(self.path, "a")
+            self.tb = _EventFile(os.path.join(workdir, "tensorboard"))
+        self.start = time.monotonic() - (json.loads(kept[-1]).get("elapsed_s", 0.0) if kept else 0.0)
         self.wandb = _wandb_run(wandb_project, workdir, config) if wandb_project else None
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as e:
+            raise OSError(f"cannot write the metrics in {os.path.dirname(self.path)} ({e.strerror or e}); "
+                          "the checkpoints saved so far are kept: rerun the command to resume") from None
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         when = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "elapsed_s": round(time.monotonic() - self.start, 3)}
-        self.jsonl.write(json.dumps({"step": step, **metrics, **when}) + "\n")
-        self.jsonl.flush()
-        self.tb.write(step, metrics)
+        with self._writing():
+            self.jsonl.write(json.dumps({"step": step, **metrics, **when}) + "\n")
+            self.jsonl.flush()
+            self.tb.write(step, metrics)
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
     def close(self) -> None:
         if not self.enabled:
             return
-        self.jsonl.close()
-        self.tb.close()
+        with self._writing():
+            self.jsonl.close()
+            self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
 
@@ -243,7 +316,7 @@ class _EventFile:
         from tensorboardX.event_file_writer import EventsWriter
 
         os.makedirs(logdir, exist_ok=True)
-        self.events = EventsWriter(os.path.join(logdir, "events"))
+        self.events = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")  # one file per run
 
     def write(self, step: int, metrics: dict) -> None:
         from tensorboardX.proto.event_pb2 import Event

@@ -6,6 +6,7 @@ A `Job` says what is trained (model, objective, data, how to summarise evaluatio
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -72,28 +73,34 @@ class Job:
     summarize: Callable[[list[dict]], dict] = _mean_loss  # eval outputs -> {"eval/...": float}
     initial_params: Callable[[Any], Any] | None = None  # fresh params -> starting params
     origin: str = "from scratch"  # where a run that is not resumed starts, for its header
+    corpus: str = ""  # the version of the text trained on (corpus.corpus_id): a resume must read it
 
 
 class _Preemption:
-    """SIGTERM (what a TPU VM or a scheduler sends before taking the machine) asks the loop
-    to checkpoint at the current step and exit 0."""
+    """SIGTERM (what a TPU VM or a scheduler sends before taking the machine) or SIGINT
+    (Ctrl-C) asks the loop to checkpoint at the current step and exit 0. The handler only
+    sets a flag, so the signal never interrupts a JAX callback or an orbax commit midway (a
+    KeyboardInterrupt raised there can be swallowed), and it stays installed until the last
+    save has committed: a second signal cannot kill the process mid-commit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.received = None  # the name of the first signal received
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.received = self.received or signal.Signals(signum).name
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
-def _resume(ckpt: Checkpointer, state, train_iter, config, workdir: str):
-    """Restores the newest readable checkpoint after checking that the config still fits it;
-    returns (state, step), step None when there was nothing to restore."""
-    if not ckpt.all_steps():
-        return state, None
+def _resume(ckpt: Checkpointer, state, train_iter, recorded: dict, workdir: str):
+    """Restores the newest readable checkpoint after checking that the config and the corpus
+    (`recorded`, as each checkpoint records them) still fit it; returns (state, step), step
+    None when there was nothing to restore."""
     saved = None
     for step in reversed(ckpt.all_steps()):
         try:
@@ -101,8 +108,13 @@ def _resume(ckpt: Checkpointer, state, train_iter, config, workdir: str):
             break
         except Exception:  # noqa: BLE001 - unreadable; restore_latest_valid reports it below
             continue
+    safe = {}
     if saved is not None:
-        unsafe, safe = resume_changes(saved, config.to_dict())
+        unsafe, safe = resume_changes(saved, recorded)
+        if "corpus" in unsafe:
+            raise ValueError(f"data.name={recorded['data']['name']!r}: its text has changed since the "
+                             f"checkpoints in {workdir} were made (corpus {unsafe['corpus'][0]}, now "
+                             f"{unsafe['corpus'][1]}); restore it or use a new --workdir")
         if unsafe:
             key, (old, new) = next(iter(unsafe.items()))
             raise ConfigError(key, f"the checkpoints in {workdir} were made with {key}={old!r}; "
@@ -111,14 +123,18 @@ def _resume(ckpt: Checkpointer, state, train_iter, config, workdir: str):
             old, new = safe["train.steps"]
             _log(f"train.steps {old} -> {new}: the learning-rate schedule is stretched over "
                  f"{new} steps, so from here on it differs from the saved run's")
-        if safe:
-            with open(os.path.join(workdir, "resumes.jsonl"), "a") as f:
-                f.write(json.dumps({"changes": {k: list(v) for k, v in safe.items()}}) + "\n")
+    # When none is readable this raises and changes nothing: starting afresh would replace
+    # the run's history with another data stream's.
     restored, step, unreadable = ckpt.restore_latest_valid(state, train_iter)
+    if restored is None:  # no checkpoint yet
+        return state, None
     for bad_step, reason, moved_to in unreadable:
         _log(f"warning: checkpoint at step {bad_step} is unreadable ({reason}); "
-                   f"moved to {moved_to}, trying the previous one")
-    return (restored, step) if restored is not None else (state, None)
+             f"moved to {moved_to}, resuming from the previous one")
+    if safe:
+        with open(os.path.join(workdir, "resumes.jsonl"), "a") as f:
+            f.write(json.dumps({"changes": {k: list(v) for k, v in safe.items()}}) + "\n")
+    return restored, step
 
 
 def progress():
@@ -202,7 +218,8 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
     train_iter, eval_batches = job.train_iter, job.eval_batches
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_ckpts,
                         keep_best=config.train.keep_best)
-    state, resumed_step = _resume(ckpt, state, train_iter, config, workdir)
+    recorded = {**config.to_dict(), "corpus": job.corpus}
+    state, resumed_step = _resume(ckpt, state, train_iter, recorded, workdir)
     start_step = resumed_step or 0
     if jax.process_index() == 0:
         common.write_json_atomic(os.path.join(workdir, "config.json"), config.to_dict())
@@ -223,11 +240,15 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
     device_state = steps.put_state(state)
     last = {}
     interval = _Interval(workdir, start_step)  # the train metrics of the steps since the last log
-    preemption = _Preemption()
     bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                disable=jax.process_index() != 0)
     timer_step, timer = start_step, None
-    try:
+    with contextlib.ExitStack() as cleanup:  # on the way out, in reverse order:
+        preemption = _Preemption()
+        cleanup.callback(preemption.restore)  # last: only once the saves have committed
+        cleanup.callback(writer.close)
+        cleanup.callback(ckpt.close)  # waits for the save in flight to commit
+        cleanup.callback(bar.close)
         for step in range(start_step + 1, total_steps + 1):
             device_state, metrics = steps.train(device_state, steps.put_batch(next(train_iter)))
             interval.add(metrics)
@@ -237,7 +258,7 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
             bar.update(1)
             is_log = step % config.train.log_every == 0 or step == total_steps
             is_eval = step % config.train.eval_every == 0 or step == total_steps
-            preempted = preemption.requested  # read once: a signal may land mid-iteration
+            preempted = preemption.received  # read once: a signal may land mid-iteration
             is_ckpt = step % config.train.ckpt_every == 0 or step == total_steps or preempted
             if (is_log or is_ckpt) and not config.train.skip_nonfinite:
                 metrics = jax.device_get(metrics)  # a non-finite state is never logged as healthy nor saved
@@ -273,22 +294,18 @@ def run(config, workdir: str, job: Job, num_devices: int, mesh) -> dict:
                 timer_step, timer = step, time.perf_counter()
 
             if is_ckpt:
-                ckpt.save(step, steps.host_state(device_state), train_iter, config.to_dict(),
+                ckpt.save(step, steps.host_state(device_state), train_iter, recorded,
                           metrics=last if is_eval else None)
                 interval.save(step)
             if preempted:
-                _log(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume")
+                ckpt.finish()
+                _log(f"{preempted}: saved a checkpoint at step {step}; rerun the command to resume")
                 break
         else:
             if not last:  # nothing left to train: report where the run stands
                 last = evaluate(steps, device_state, eval_batches, job.summarize)
                 _log(f"already trained to step {start_step}; "
                      + " | ".join(f"{k} {v:.4g}" for k, v in last.items()))
-    finally:
-        preemption.restore()
-        bar.close()
-        ckpt.close()
-        writer.close()
     return last
 
 

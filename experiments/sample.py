@@ -39,8 +39,13 @@ def sample(workdir: str) -> None:
         raise ValueError("--workdir is required: a training run's directory")
     if _NUM_SAMPLES.value < 1:
         raise ValueError(f"--num_samples={_NUM_SAMPLES.value} is not allowed: a positive integer")
+    if _SEED.value < 0:
+        raise ValueError(f"--seed={_SEED.value} is not allowed: a non-negative integer")
     sampling.check_settings(_MAX_NEW.value, _TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     config, model, params = common.load_run(workdir)
+    if _TOP_K.value > model.cfg.vocab_size:
+        raise ValueError(f"--top_k={_TOP_K.value} is not allowed: at most the model's vocabulary "
+                         f"({model.cfg.vocab_size}; 0: off)")
     tokenizer = data.get_tokenizer(config.data, common.to_stderr)
     common.check_vocabulary(tokenizer, config)
     prompt = tokenizer.encode(_PROMPT.value).tolist() or [tokenizer.eot_id]

@@ -45,7 +45,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         train_iter=data.make_train_iterator(config.data, seed=config.train.seed, **loop.this_host()),
         eval_batches=data.make_eval_batches(
             config.data, num_batches=config.train.eval_steps,
-            micro_batch_rows=eval_micro_batch(config, num_devices) * num_devices, **loop.this_host()))
+            micro_batch_rows=eval_micro_batch(config, num_devices) * num_devices, **loop.this_host()),
+        corpus=corpus.corpus_id(config.data))
     return loop.run(config, workdir, job, num_devices, mesh)
 
 

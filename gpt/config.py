@@ -120,6 +120,31 @@ def _positive_int(config, key):
     return value
 
 
+# Real-valued keys: (what is allowed, whether a finite value is). A NaN or an infinity would
+# otherwise compile and train, then stop as a divergence that names no key.
+_NUMBERS = {
+    "model.init_std": ("a finite number >= 0", lambda v: v >= 0),
+    "optim.lr": ("a finite number >= 0", lambda v: v >= 0),
+    "optim.end_lr": ("a finite number >= 0", lambda v: v >= 0),
+    "optim.warmup_steps": ("a non-negative number", lambda v: v >= 0),
+    "optim.b1": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "optim.b2": ("a number in [0, 1)", lambda v: 0 <= v < 1),
+    "optim.eps": ("a finite number > 0", lambda v: v > 0),
+    "optim.weight_decay": ("a finite number >= 0", lambda v: v >= 0),
+    "optim.grad_clip": ("a finite number >= 0 (0: no clipping)", lambda v: v >= 0),
+    "train.epochs": ("a finite number >= 0 (0: use train.steps)", lambda v: v >= 0),
+}
+
+
+def _check_numbers(config) -> None:
+    for key, (allowed, ok) in _NUMBERS.items():
+        section, name = key.split(".")
+        value = config[section][name]
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or not ok(value)):
+            raise ConfigError(key, allowed, value)
+
+
 def validate(config, num_devices: int = 1) -> GPTConfig:
     """Raises ConfigError naming the first bad key; returns the model's GPTConfig."""
     cfg = model_config(config)
@@ -135,11 +160,7 @@ def validate(config, num_devices: int = 1) -> GPTConfig:
         raise ConfigError("train.parallelism", f"one of {', '.join(PARALLELISMS)}", config.train.parallelism)
     if config.optim.schedule not in SCHEDULES:
         raise ConfigError("optim.schedule", f"one of {', '.join(SCHEDULES)}", config.optim.schedule)
-    if config.optim.warmup_steps < 0 or config.optim.lr < 0:
-        raise ConfigError("optim.lr" if config.optim.lr < 0 else "optim.warmup_steps",
-                          "a non-negative number", min(config.optim.lr, config.optim.warmup_steps))
-    if config.train.epochs < 0:
-        raise ConfigError("train.epochs", "a non-negative number (0: use train.steps)", config.train.epochs)
+    _check_numbers(config)
     per_step = num_devices * config.train.grad_accum_steps
     if config.data.batch_size % per_step:
         raise ConfigError(
@@ -175,7 +196,8 @@ RESUME_SAFE = (
     "model.embd_pdrop", "model.resid_pdrop", "model.attn_pdrop", "model.remat", "model.attention",
     "model.attention_block",
     "data.data_dir", "data.prefetch",
-    "optim.lr", "optim.end_lr", "optim.warmup_steps", "optim.schedule",
+    "optim.lr", "optim.end_lr", "optim.warmup_steps", "optim.schedule", "optim.b2",
+    "optim.weight_decay",
 )
 
 

@@ -145,8 +145,8 @@ def check_settings(max_new_tokens, temperature, top_k, top_p) -> None:
     """Raises ValueError naming the first setting out of range."""
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is not allowed: a non-negative integer")
-    if not temperature >= 0:
-        raise ValueError(f"temperature={temperature!r} is not allowed: >= 0 (0 is greedy)")
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature={temperature!r} is not allowed: a finite number >= 0 (0 is greedy)")
     if not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise ValueError(f"top_k={top_k!r} is not allowed: a non-negative integer (0: off)")
     if not 0 < top_p <= 1:

@@ -477,6 +477,9 @@ def test_local_text_edited_is_prepared_again(local, tmp_path):
     ("bad.jsonl", '{"body": "x"}\n', r"bad.jsonl:1 is not a JSON object with a string \"text\""),
     ("notes.md", "# notes", r"notes.md is neither .txt nor .jsonl"),
     ("short.txt", "one paragraph only", r"leaves nothing for validation"),
+    # no paragraph break, and its sha256 is 0 modulo 10: the one document goes whole to validation
+    ("held_out.txt", "a single line document number 1 without a paragraph break",
+     r"leaves nothing for train"),
 ])
 def test_local_text_errors_name_the_path(cfg, tmp_path, file, content, error):
     if content is not None:

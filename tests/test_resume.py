@@ -32,6 +32,11 @@ def _params(workdir):
     return load_run(workdir)[2]
 
 
+def _saved_steps(workdir):
+    """The committed checkpoints: a kill mid-save also leaves N.orbax-checkpoint-tmp."""
+    return [int(name) for name in os.listdir(f"{workdir}/checkpoints") if name.isdigit()]
+
+
 def _start(args):
     return start("experiments.train", *args, stderr=subprocess.STDOUT)
 
@@ -70,7 +75,7 @@ def test_sigkill_twice_then_resume_is_bit_identical(tmp_path, data_dir, referenc
         _wait_for_step(workdir, kill_at, proc)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert max(int(os.path.basename(p)) for p in glob.glob(f"{workdir}/checkpoints/[0-9]*")) < STEPS
+        assert max(_saved_steps(workdir)) < STEPS
     result = run("experiments.train", *_args(workdir, data_dir))
     assert result.returncode == 0 and "resuming from step" in result.stdout, result.stderr[-2000:]
     _assert_same_run(workdir, reference)
@@ -83,7 +88,7 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path, data_dir, reference):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    saved = [int(os.path.basename(p)) for p in glob.glob(f"{workdir}/checkpoints/[0-9]*")]
+    saved = _saved_steps(workdir)
     assert len(saved) == 1 and 12 <= saved[0] < STEPS, saved
     assert f"SIGTERM: saved a checkpoint at step {saved[0]}" in out
     result = run("experiments.train", *_args(workdir, data_dir, "--config.train.ckpt_every=1000"))
@@ -111,7 +116,7 @@ def test_nan_stops_with_message_and_keeps_last_checkpoint_finite(tmp_path, data_
     assert result.returncode == 3
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert lines == [f"error: non-finite loss or gradient at step 25; last good checkpoint: step 20 in {workdir}"]
-    assert max(int(os.path.basename(p)) for p in glob.glob(f"{workdir}/checkpoints/[0-9]*")) == 20
+    assert max(_saved_steps(workdir)) == 20
     assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(_params(workdir)))
     assert json.loads(open(f"{workdir}/metrics.jsonl").read().splitlines()[-1])["diverged"] is True
 

@@ -205,11 +205,14 @@ def _local_config(spec: str) -> CorpusConfig:
     digest = hashlib.sha256()
     for key in sorted(docs):
         digest.update(f"{len(key)}:{key}{len(docs[key])}:{docs[key]}".encode("utf-8"))
-    if not any(split_document(text, True)[1] for text in deduplicate_paragraphs(docs).values()):
-        raise ValueError(
-            f"data.name={LOCAL_PREFIX + spec!r} leaves nothing for validation: it takes the text "
-            f"after a blank line in the last {1 - VALIDATION_START:.0%} of a document, or 1 in "
-            f"{HOLD_OUT_ONE_IN} documents without one; give more documents or blank lines")
+    parts = [split_document(text, True) for text in deduplicate_paragraphs(docs).values()]
+    for index, split in enumerate(SPLITS):
+        if not any(part[index] for part in parts):
+            raise ValueError(
+                f"data.name={LOCAL_PREFIX + spec!r} leaves nothing for {split}: validation takes "
+                f"the text after a blank line in the last {1 - VALIDATION_START:.0%} of a "
+                f"document, or 1 in {HOLD_OUT_ONE_IN} documents without one, whole; give more "
+                "documents or blank lines")
     return CorpusConfig(name=f"text-{digest.hexdigest()[:16]}", description=f"{LOCAL_PREFIX}{spec}",
                         documents=lambda: docs, hold_out_whole=True)
 

@@ -6,7 +6,11 @@ on into the next window and several short ones share one.
 """
 from __future__ import annotations
 
+import functools
 import itertools
+import os
+import threading
+import time
 import weakref
 
 import grain
@@ -75,7 +79,23 @@ def _tokenizing_workers(docs: grain.IterDataset, num_workers: int) -> grain.Iter
         # outside an absl program (a test, a notebook): google/grain#1355.
         flags.FLAGS.mark_as_parsed()
     return docs.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers, per_worker_buffer_size=WORKER_BUFFER))
+        num_workers=num_workers, per_worker_buffer_size=WORKER_BUFFER),
+        worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
+
+
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+    """Ends a tokenizing worker within a second of the death of `parent`, the process that
+    started it, however it died (kill -9 included): grain's workers would otherwise outlive
+    it by minutes. The parent's pid comes from the parent, since a worker still starting up
+    when its parent dies would read its new parent's pid (1) from os.getppid()."""
+    del worker_index, worker_count
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def make_train_iterator(data_cfg: ml_collections.ConfigDict, *, seed: int,
