@@ -5,11 +5,9 @@ import errno
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 
 import grain
 import jax
