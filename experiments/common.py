@@ -170,8 +170,9 @@ def check_vocabulary(tokenizer, config) -> None:
 def kernels(config):
     """(gpt.ops bundle, XLA compiler options) for a run's steps. train.kernels=auto: gpt/cpu's
     kernels, which run where a step is lowered for CPU (XLA's ops elsewhere), and its compiler
-    options on a CPU backend; none, or gpt/cpu absent: XLA's ops and options everywhere. A mesh
-    over several devices keeps XLA's ops, which its partitioner can split."""
+    options on a CPU backend; a list: those kernels only; none, or gpt/cpu absent: XLA's ops and
+    options everywhere. A mesh over several devices keeps XLA's ops, which its partitioner can
+    split."""
     import jax
 
     from gpt.ops import REFERENCE
@@ -187,7 +188,8 @@ def kernels(config):
         print(f"compiling the C++ CPU kernels (once per machine, about a minute; cached in "
               f"{cpu.build.library_path().parent})")
     options = dict(cpu.CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
-    return cpu.ops(), options
+    chosen = config.train.get("kernels", "auto")
+    return (cpu.ops() if chosen == "auto" else cpu.ops(kernels=chosen.split(","))), options
 
 
 def load_run(workdir: str, step: int | None = None):

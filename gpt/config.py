@@ -18,7 +18,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")  # what the backward pass keeps: everything | each
 # block's input | matmul outputs
 ATTENTIONS = ("auto", "xla", "cudnn", "splash")  # see gpt/ops.py
-KERNELS = ("auto", "none")  # train.kernels: gpt/cpu's kernels where a step is lowered for CPU | none
+# train.kernels: "auto" (all of gpt/cpu's kernels where a step is lowered for CPU), "none", or a
+# comma-separated subset of these, for A/B comparisons of one kernel
+CPU_KERNELS = ("attention", "matmul", "cross_entropy", "adamw")
 
 
 class ConfigError(ValueError):
@@ -154,8 +156,11 @@ def validate(config, num_devices: int = 1) -> GPTConfig:
         _positive_int(config, key)
     if config.data.seq_len > cfg.max_len:
         raise ConfigError("data.seq_len", f"at most model.max_len={cfg.max_len}", config.data.seq_len)
-    if config.train.kernels not in KERNELS:
-        raise ConfigError("train.kernels", f"one of {', '.join(KERNELS)}", config.train.kernels)
+    kernels = config.train.kernels
+    if not isinstance(kernels, str) or (kernels not in ("auto", "none") and not set(
+            kernels.split(",")) <= set(CPU_KERNELS)):
+        raise ConfigError("train.kernels", f"auto, none, or a comma-separated subset of "
+                          f"{', '.join(CPU_KERNELS)}", kernels)
     if config.train.parallelism not in PARALLELISMS:
         raise ConfigError("train.parallelism", f"one of {', '.join(PARALLELISMS)}", config.train.parallelism)
     if config.optim.schedule not in SCHEDULES:

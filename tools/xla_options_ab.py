@@ -1,8 +1,9 @@
 """The train step compiled under several sets of XLA CPU options, and optionally model
 settings, timed interleaved in one process (A B C A B C ...), so a shared machine's drift hits
 every variant alike: how gpt/cpu/compiler.py's CPU_COMPILER_OPTIONS were chosen. A variant is
-an option set, optionally with model fields after colons, `onednn:attention_block=0`, or
-`kernels=none` for XLA's ops instead of gpt/cpu's kernels (train.kernels), `ours:kernels=none`.
+an option set, optionally with model fields after colons, `onednn:attention_block=0`, and
+`kernels=` for train.kernels with `+` between kernels: `ours:kernels=none` (XLA's ops),
+`ours:kernels=attention+cross_entropy+adamw` (all but MKL's matmul).
 With the kernels, the products run on MKL whatever the options. Give it GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to time the steps as the
 Makefile runs them (see its HUGE_PAGES).
 
@@ -46,7 +47,7 @@ def _variant(model: GPT, spec: str) -> tuple[GPT, dict]:
     for field in fields:
         key, value = field.split("=", 1)
         if key == "kernels":
-            ops = REFERENCE if value == "none" else ops
+            ops = REFERENCE if value == "none" else cpu.ops(kernels=value.split("+"))
             continue
         default = getattr(model.cfg, key)
         changes[key] = value.lower() == "true" if isinstance(default, bool) else type(default)(value)

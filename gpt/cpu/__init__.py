@@ -9,25 +9,33 @@ built, the reference ops run everywhere: slower on CPU, the same numbers to roun
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 
 from gpt.cpu import adamw, attention, build, cross_entropy, matmul
 from gpt.cpu.compiler import CPU_COMPILER_OPTIONS
+from gpt.config import CPU_KERNELS
 from gpt.ops import REFERENCE, Ops
 
 __all__ = ["CPU_COMPILER_OPTIONS", "ops"]
 
 
-def ops(base: Ops = REFERENCE) -> Ops:
-    """`base` with the kernels that can run here; `base` itself where none can be built."""
+def ops(base: Ops = REFERENCE, kernels: Collection[str] = CPU_KERNELS) -> Ops:
+    """`base` with those of `kernels` (gpt.config.CPU_KERNELS) that can run here; `base` itself
+    where none can be built."""
     if not build.available():
         return base
-    kernels = dict(
-        causal_attention=attention.causal_attention(base.causal_attention),
-        cached_attention=attention.cached_attention(base.cached_attention),
-        nll=cross_entropy.nll(base.nll),
-        tied_head_nll=cross_entropy.tied_head_nll(base.tied_head_nll, mkl=matmul.loaded()),
-        adamw=adamw.adamw)
-    if matmul.loaded():
-        kernels.update(dot_general=matmul.dot_general,
+    use = set(kernels)
+    changes = {}
+    if "attention" in use:
+        changes.update(causal_attention=attention.causal_attention(base.causal_attention),
+                       cached_attention=attention.cached_attention(base.cached_attention))
+    mkl = "matmul" in use and matmul.loaded()
+    if mkl:
+        changes.update(dot_general=matmul.dot_general,
                        tied_head_logits=matmul.tied_head_logits(base.tied_head_logits))
-    return dataclasses.replace(base, **kernels)
+    if "cross_entropy" in use:
+        changes.update(nll=cross_entropy.nll(base.nll),
+                       tied_head_nll=cross_entropy.tied_head_nll(base.tied_head_nll, mkl=mkl))
+    if "adamw" in use:
+        changes.update(adamw=adamw.adamw)
+    return dataclasses.replace(base, **changes)

@@ -47,3 +47,27 @@ def test_a_step_lowered_for_an_accelerator_has_no_kernel():
     assert "gpt_attention_fwd" in kernels and "gpt_cross_entropy" in kernels
     for platform in ("cuda", "tpu"):
         assert "gpt_" not in traced.lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_train_kernels_selects_which_kernels_run():
+    from configs import gpt2
+    from experiments import common
+    from gpt.config import ConfigError, validate
+    config = gpt2.get_config("tiny")
+    config.train.kernels = "attention,adamw"
+    validate(config)
+    ops, _ = common.kernels(config)
+    model = GPT(GPTConfig(vocab_size=50, max_len=8, n_layer=1, d_model=32, n_head=2, d_ff=64), ops)
+    tokens = np.zeros((2, 8), np.int32)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    hlo = jax.jit(jax.grad(lambda p: model.apply(
+        {"params": p}, tokens, tokens, method="next_token_nll").mean())).lower(params).as_text()
+    assert "gpt_attention_fwd" in hlo and "gpt_matmul" not in hlo and "gpt_cross_entropy" not in hlo
+    assert ops.adamw is not None
+    config.train.kernels = "attention,flash"
+    try:
+        validate(config)
+    except ConfigError as e:
+        assert "train.kernels" in str(e) and "cross_entropy" in str(e)
+    else:
+        raise AssertionError("an unknown kernel was accepted")
