@@ -51,7 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.train.skip_nonfinite = False  # True: skip an update whose loss or gradient is not finite
     c.train.poison_step = 0  # testing aid: > 0 makes that step's loss NaN
     c.train.kernels = "auto"  # gpt/cpu's kernels where a step is lowered for CPU | none | a
-    # comma-separated subset of attention, matmul, cross_entropy, adamw
+    # comma-separated subset of attention, matmul, cross_entropy, adamw | -subset: all but those
     c.train.parallelism = "jit"  # jit (one device) | pmap (data parallel, local devices) | mesh (FSDP)
     c.train.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1})  # mesh only; -1: the rest
     c.train.seed = 0

@@ -170,15 +170,16 @@ def check_vocabulary(tokenizer, config) -> None:
 def kernels(config):
     """(gpt.ops bundle, XLA compiler options) for a run's steps. train.kernels=auto: gpt/cpu's
     kernels, which run where a step is lowered for CPU (XLA's ops elsewhere), and its compiler
-    options on a CPU backend; a list: those kernels only; none, or gpt/cpu absent: XLA's ops and
+    options on a CPU backend; a subset (gpt.config.cpu_kernels): those; none, or gpt/cpu absent: XLA's ops and
     options everywhere. A mesh over several devices keeps XLA's ops, which its partitioner can
     split."""
     import jax
 
+    from gpt.config import cpu_kernels
     from gpt.ops import REFERENCE
 
-    if (config.train.get("kernels", "auto") == "none"
-            or (config.train.parallelism == "mesh" and jax.device_count() > 1)):
+    chosen = cpu_kernels(config.train.get("kernels", "auto"))
+    if not chosen or (config.train.parallelism == "mesh" and jax.device_count() > 1):
         return REFERENCE, {}
     try:
         from gpt import cpu
@@ -188,8 +189,7 @@ def kernels(config):
         print(f"compiling the C++ CPU kernels (once per machine, about a minute; cached in "
               f"{cpu.build.library_path().parent})")
     options = dict(cpu.CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
-    chosen = config.train.get("kernels", "auto")
-    return (cpu.ops() if chosen == "auto" else cpu.ops(kernels=chosen.split(","))), options
+    return cpu.ops(kernels=chosen), options
 
 
 def load_run(workdir: str, step: int | None = None):

@@ -18,9 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")  # what the backward pass keeps: everything | each
 # block's input | matmul outputs
 ATTENTIONS = ("auto", "xla", "cudnn", "splash")  # see gpt/ops.py
-# train.kernels: "auto" (all of gpt/cpu's kernels where a step is lowered for CPU), "none", or a
-# comma-separated subset of these, for A/B comparisons of one kernel
-CPU_KERNELS = ("attention", "matmul", "cross_entropy", "adamw")
+CPU_KERNELS = ("attention", "matmul", "cross_entropy", "adamw")  # gpt/cpu's, for train.kernels
 
 
 class ConfigError(ValueError):
@@ -147,6 +145,18 @@ def _check_numbers(config) -> None:
             raise ConfigError(key, allowed, value)
 
 
+def cpu_kernels(value: str) -> tuple[str, ...]:
+    """train.kernels -> the CPU kernels it allows: "auto" all, "none" none, "a,b" those, "-a,b"
+    all but those (A/B comparisons of one kernel)."""
+    names = value.removeprefix("-").split(",") if isinstance(value, str) else [None]
+    if value in ("auto", "none"):
+        return CPU_KERNELS if value == "auto" else ()
+    if not set(names) <= set(CPU_KERNELS):
+        raise ConfigError("train.kernels", f"auto, none, or a comma-separated subset of "
+                          f"{', '.join(CPU_KERNELS)} (with a leading - : all but those)", value)
+    return tuple(k for k in CPU_KERNELS if (k in names) != value.startswith("-"))
+
+
 def validate(config, num_devices: int = 1) -> GPTConfig:
     """Raises ConfigError naming the first bad key; returns the model's GPTConfig."""
     cfg = model_config(config)
@@ -156,11 +166,7 @@ def validate(config, num_devices: int = 1) -> GPTConfig:
         _positive_int(config, key)
     if config.data.seq_len > cfg.max_len:
         raise ConfigError("data.seq_len", f"at most model.max_len={cfg.max_len}", config.data.seq_len)
-    kernels = config.train.kernels
-    if not isinstance(kernels, str) or (kernels not in ("auto", "none") and not set(
-            kernels.split(",")) <= set(CPU_KERNELS)):
-        raise ConfigError("train.kernels", f"auto, none, or a comma-separated subset of "
-                          f"{', '.join(CPU_KERNELS)}", kernels)
+    cpu_kernels(config.train.kernels)
     if config.train.parallelism not in PARALLELISMS:
         raise ConfigError("train.parallelism", f"one of {', '.join(PARALLELISMS)}", config.train.parallelism)
     if config.optim.schedule not in SCHEDULES:

@@ -3,7 +3,7 @@ settings, timed interleaved in one process (A B C A B C ...), so a shared machin
 every variant alike: how gpt/cpu/compiler.py's CPU_COMPILER_OPTIONS were chosen. A variant is
 an option set, optionally with model fields after colons, `onednn:attention_block=0`, and
 `kernels=` for train.kernels with `+` between kernels: `ours:kernels=none` (XLA's ops),
-`ours:kernels=attention+cross_entropy+adamw` (all but MKL's matmul).
+`ours:kernels=-matmul` (all but MKL's matmul).
 With the kernels, the products run on MKL whatever the options. Give it GLIBC_TUNABLES=glibc.malloc.hugetlb=1 to time the steps as the
 Makefile runs them (see its HUGE_PAGES).
 
@@ -26,7 +26,7 @@ from gpt import cpu  # noqa: E402
 from gpt.cpu.compiler import CPU_COMPILER_OPTIONS, ONEDNN_DOTS  # noqa: E402
 from gpt.model import GPT  # noqa: E402
 from gpt.optim import make_optimizer  # noqa: E402
-from gpt.ops import REFERENCE  # noqa: E402
+from gpt.config import cpu_kernels  # noqa: E402
 from gpt.parallel import make_steps  # noqa: E402
 from gpt.train_step import create_state  # noqa: E402
 
@@ -47,7 +47,7 @@ def _variant(model: GPT, spec: str) -> tuple[GPT, dict]:
     for field in fields:
         key, value = field.split("=", 1)
         if key == "kernels":
-            ops = REFERENCE if value == "none" else cpu.ops(kernels=value.split("+"))
+            ops = cpu.ops(kernels=cpu_kernels(value.replace("+", ",")))
             continue
         default = getattr(model.cfg, key)
         changes[key] = value.lower() == "true" if isinstance(default, bool) else type(default)(value)

@@ -53,6 +53,7 @@ def test_train_kernels_selects_which_kernels_run():
     from configs import gpt2
     from experiments import common
     from gpt.config import ConfigError, validate
+    from gpt.ops import REFERENCE
     config = gpt2.get_config("tiny")
     config.train.kernels = "attention,adamw"
     validate(config)
@@ -64,6 +65,9 @@ def test_train_kernels_selects_which_kernels_run():
         {"params": p}, tokens, tokens, method="next_token_nll").mean())).lower(params).as_text()
     assert "gpt_attention_fwd" in hlo and "gpt_matmul" not in hlo and "gpt_cross_entropy" not in hlo
     assert ops.adamw is not None
+    config.train.kernels = "-matmul"
+    assert common.kernels(config)[0].dot_general is jax.lax.dot_general
+    assert common.kernels(config)[0].nll is not REFERENCE.nll
     config.train.kernels = "attention,flash"
     try:
         validate(config)
