@@ -95,7 +95,7 @@ def test_scorer():
     model = GPT(CFG, KERNELS)
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     tokens = jax.ShapeDtypeStruct((2, 32), jnp.int32)
-    traced = evaluation._token_scores.trace(model, params, tokens, tokens)
+    traced = evaluation._token_scores.trace(model, params, tokens, tokens, None)
     for platform in PLATFORMS:
         _check(traced, platform)
 

@@ -1,11 +1,13 @@
 """What a run tells its user: the metrics it logs and when, MFU, event files, plots, wandb."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from tests.helpers import run
+from tests.helpers import ROOT, run
 
 MICRO = ["--config=configs/gpt2.py:tiny", "--config.model.n_layer=1", "--config.model.d_model=32",
          "--config.model.n_head=2", "--config.model.d_ff=64", "--config.data.seq_len=32",
@@ -147,17 +149,22 @@ def test_wandb_logs_offline_and_is_needed_only_when_asked(tmp_path, monkeypatch)
 
 
 def test_plot_draws_each_runs_train_and_eval_loss(tmp_path):
-    from experiments.plot import plot_runs
-
+    """In its own process: the programs' absl flags (--workdir in each) cannot share one."""
     runs = {"a": [{"step": 5, "train/loss": 3.0}, {"step": 10, "train/loss": 2.0, "eval/loss": 2.5}],
             "b": [{"step": 5, "train/loss": 3.5, "eval/loss": 3.6}, {"step": 10, "train/loss": 2.8}]}
     for name, rows in runs.items():
         os.makedirs(tmp_path / name)
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fig = plot_runs([str(tmp_path / "a"), str(tmp_path / "b")])
-    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].lines}
-    assert lines == {"a train": ([5, 10], [3.0, 2.0]), "a eval": ([10], [2.5]),
-                     "b train": ([5, 10], [3.5, 2.8]), "b eval": ([5], [3.6])}
+    code = ("import json, sys\nfrom experiments.plot import plot_runs\n"
+            "fig = plot_runs(sys.argv[1:])\n"
+            "print(json.dumps({l.get_label(): [list(map(float, l.get_xdata())), list(map(float, l.get_ydata()))]"
+            " for l in fig.axes[0].lines}))\n")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "b")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = json.loads(result.stdout.strip().splitlines()[-1])
+    assert lines == {"a train": [[5, 10], [3.0, 2.0]], "a eval": [[10], [2.5]],
+                     "b train": [[5, 10], [3.5, 2.8]], "b eval": [[5], [3.6]]}
 
 
 def test_plot_program_writes_a_png(every_step, intervals, tmp_path):

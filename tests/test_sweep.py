@@ -107,7 +107,7 @@ def test_shipped_sweeps_are_valid(tmp_path, spec, n):
     assert result.returncode == 0, result.stderr
     commands = result.stdout.splitlines()
     assert len(commands) == n and all(c.startswith("python -m experiments.train ") for c in commands)
-    assert os.listdir(tmp_path) == ["launch"]  # the launch scripts, no run
+    assert sorted(os.listdir(tmp_path)) == [".lock", "launch"]  # the lock, the launch scripts, no run
 
 
 def test_dry_run_launch_scripts_split_the_runs_across_hosts(tmp_path):
