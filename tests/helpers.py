@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from configs import gpt2
@@ -74,3 +75,18 @@ def max_relative_error(a, b) -> float:
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
     norm = sum(float(np.sum(np.asarray(y, np.float64) ** 2)) for y in jax.tree_util.tree_leaves(b))
     return (diff / norm) ** 0.5
+
+
+def compiled_memory(config):
+    """(train, eval) memory_analysis() of a config's steps on one device, compiled from abstract
+    shapes (nothing allocated), eval in its configured micro-batches."""
+    from gpt.config import eval_micro_batch
+    from gpt.parallel import make_steps
+    model = GPT(model_config(config))
+    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    state = jax.eval_shape(lambda: create_state(model, tx, 0, config.data.seq_len))
+    batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len), jnp.int32)
+             for k in ("inputs", "targets")}
+    steps = make_steps(model, schedule, "jit", config.train.grad_accum_steps,
+                       eval_micro_batches=config.data.batch_size // eval_micro_batch(config, 1))
+    return tuple(step.lower(state, batch).compile().memory_analysis() for step in (steps.train, steps.eval))

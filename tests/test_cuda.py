@@ -2,17 +2,12 @@
 cuDNN's, and the presets' steps fit in the memory they were sized for, as XLA's GPU compiler
 assigns it."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import gpt2
-from gpt.config import eval_micro_batch, model_config
-from gpt.model import GPT
-from gpt.optim import make_optimizer
 from gpt.parallel import make_steps
-from gpt.train_step import create_state
-from tests.helpers import batches, max_relative_error, model_and_state, tiny_config
+from tests.helpers import batches, compiled_memory, max_relative_error, model_and_state, tiny_config
 
 pytestmark = pytest.mark.cuda
 
@@ -32,16 +27,7 @@ def test_train_step_on_the_gpu_matches_the_cpu():
 
 
 def test_gpt2_small_gpu_preset_fits_80gb_and_eval_fits_in_train():
-    config = gpt2.get_config("small-gpu")
-    model = GPT(model_config(config))
-    tx, schedule = make_optimizer(config.optim, config.train.steps)
-    state = jax.eval_shape(lambda: create_state(model, tx, 0, config.data.seq_len))
-    batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len), jnp.int32)
-             for k in ("inputs", "targets")}
-    steps = make_steps(model, schedule, "jit", config.train.grad_accum_steps,
-                       eval_micro_batches=config.data.batch_size // eval_micro_batch(config, 1))
-    train = steps.train.lower(state, batch).compile().memory_analysis()
-    evaluate = steps.eval.lower(state, batch).compile().memory_analysis()
+    train, evaluate = compiled_memory(gpt2.get_config("small-gpu"))
     used = train.temp_size_in_bytes + train.argument_size_in_bytes + train.output_size_in_bytes
     print(f"small-gpu train step: {used / 2**30:.1f} GiB; eval temporaries "
           f"{evaluate.temp_size_in_bytes / 2**30:.1f} GiB")

@@ -1,34 +1,23 @@
 """Evaluation in micro-batches: it fits wherever training fits and gives the whole batch's result."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import gpt2
 from gpt.config import eval_micro_batch, model_config, validate
 from gpt.finetune.model import GPTClassifier, make_evaluate
-from gpt.model import GPT
 from gpt.optim import make_optimizer
 from gpt.parallel import make_steps
 from gpt.train_step import create_state
-from tests.helpers import batches, model_and_state, tiny_config
+from tests.helpers import batches, compiled_memory, model_and_state, tiny_config
 
 
 def test_gpt2_small_eval_step_needs_no_more_memory_than_its_train_step():
     """The published config on one device, compiled from abstract shapes (nothing allocated):
     XLA's buffer assignment for eval must not exceed the train step's temporaries."""
     config = gpt2.get_config("small")
-    model = GPT(model_config(config))
-    tx, schedule = make_optimizer(config.optim, config.train.steps)
-    state = jax.eval_shape(lambda: create_state(model, tx, 0, config.data.seq_len))
-    batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len), jnp.int32)
-             for k in ("inputs", "targets")}
-    micro = eval_micro_batch(config, num_devices=1)
-    assert micro == 8  # 512 rows in 64 micro-batches
-    steps = make_steps(model, schedule, "jit", config.train.grad_accum_steps,
-                       eval_micro_batches=config.data.batch_size // micro)
-    train = steps.train.lower(state, batch).compile().memory_analysis()
-    evaluate = steps.eval.lower(state, batch).compile().memory_analysis()
+    assert eval_micro_batch(config, num_devices=1) == 8  # 512 rows in 64 micro-batches
+    train, evaluate = compiled_memory(config)
     assert evaluate.temp_size_in_bytes <= train.temp_size_in_bytes, (
         f"eval temporaries {evaluate.temp_size_in_bytes / 2**30:.1f} GiB > "
         f"train {train.temp_size_in_bytes / 2**30:.1f} GiB")
